@@ -1,0 +1,180 @@
+"""Building blocks of the continuous U-Net: dynamic blocks and spatial self-attention."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ode import ODESolverSettings, solve_second_order
+
+
+NONLINEARITIES = {
+    "softplus": nn.Softplus,
+    "silu": nn.SiLU,
+    "swish": nn.SiLU,
+    "gelu": nn.GELU,
+    "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+}
+
+
+def get_nonlinearity(name: str) -> nn.Module:
+    if name not in NONLINEARITIES:
+        raise ValueError(f"Unknown nonlinearity {name!r}; choose one of {sorted(NONLINEARITIES)}.")
+    return NONLINEARITIES[name]()
+
+
+class InitialVelocityNetwork(nn.Module):
+    """g(h): the initial velocity v(0) of a dynamic block, shaped like h.
+
+    InstanceNorm, 3x3 conv, ReLU, InstanceNorm, 1x1 conv, ReLU.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm1 = nn.InstanceNorm2d(channels, affine=True)
+        self.conv1 = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+        self.norm2 = nn.InstanceNorm2d(channels, affine=True)
+        self.conv2 = nn.Conv2d(channels, channels, kernel_size=1)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        velocity = F.relu(self.conv1(self.norm1(hidden_states)))
+        return F.relu(self.conv2(self.norm2(velocity)))
+
+
+class AccelerationField(nn.Module):
+    """a(x, v, s, emb): the acceleration of a dynamic block's second-order ODE.
+
+    GroupNorm over the state [x, v], 3x3 conv, nonlinearity, GroupNorm, FiLM from the timestep
+    embedding (`h * (1 + scale) + shift`), dropout, 3x3 conv, nonlinearity, plus a residual path from
+    the state (a 1x1 conv, because [x, v] has twice the channels of the output). The field does not
+    depend on the ODE time s: it is autonomous, which every solver handles.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        embedding_dim: int,
+        norm_num_groups: int,
+        nonlinearity: str = "softplus",
+        dropout: float = 0.0,
+        use_residual: bool = True,
+    ):
+        super().__init__()
+        self.norm_state = nn.GroupNorm(norm_num_groups, 2 * channels)
+        self.conv1 = nn.Conv2d(2 * channels, channels, kernel_size=3, padding=1)
+        self.norm_hidden = nn.GroupNorm(norm_num_groups, channels)
+        self.film = nn.Linear(embedding_dim, 2 * channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+        self.nonlinearity = get_nonlinearity(nonlinearity)
+        self.residual = nn.Conv2d(2 * channels, channels, kernel_size=1) if use_residual else None
+
+    def film_parameters(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compute the FiLM (scale, shift), each `(batch, channels, 1, 1)`, once per solve."""
+        scale, shift = self.film(F.silu(emb)).chunk(2, dim=1)
+        return scale[:, :, None, None], shift[:, :, None, None]
+
+    def forward(
+        self, x: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor
+    ) -> torch.Tensor:
+        state = torch.cat((x, v), dim=1)  # (batch, 2 * channels, height, width)
+
+        hidden = self.nonlinearity(self.conv1(self.norm_state(state)))
+        hidden = self.norm_hidden(hidden) * (1 + scale) + shift
+        hidden = self.nonlinearity(self.conv2(self.dropout(hidden)))
+
+        if self.residual is not None:
+            hidden = hidden + self.residual(state)
+        return hidden
+
+
+class DynamicBlock(nn.Module):
+    """Map a feature map h to x(1), where x(0) = h, v(0) = g(h), dx/ds = v, dv/ds = a(x, v, s, emb).
+
+    The solver settings are assigned by the owning model (`solver_settings`), so that
+    `set_ode_solver` changes every block at once. After each call, `last_nfe` holds the number of
+    acceleration evaluations of that call.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        embedding_dim: int,
+        norm_num_groups: int,
+        nonlinearity: str = "softplus",
+        dropout: float = 0.0,
+        use_residual: bool = True,
+        name: str = "dynamic block",
+    ):
+        super().__init__()
+        self.initial_velocity = InitialVelocityNetwork(channels)
+        self.acceleration = AccelerationField(
+            channels, embedding_dim, norm_num_groups, nonlinearity, dropout, use_residual
+        )
+        self.name = name
+        self.solver_settings = ODESolverSettings()
+        self.last_nfe = 0
+
+    def forward(self, hidden_states: torch.Tensor, emb: torch.Tensor, steps: int | None = None) -> torch.Tensor:
+        settings = self.solver_settings
+        if steps is not None and steps != settings.steps:
+            settings = ODESolverSettings(**{**settings.__dict__, "steps": steps})
+
+        velocity = self.initial_velocity(hidden_states)
+        scale, shift = self.acceleration.film_parameters(emb)
+        scale = scale.to(hidden_states.dtype)
+        shift = shift.to(hidden_states.dtype)
+
+        def acceleration(s, x, v):
+            return self.acceleration(x, v, scale, shift)
+
+        adjoint_params = ()
+        if settings.adjoint:
+            # The adjoint recomputes the field backwards in s; every tensor it reads that needs a
+            # gradient must be listed, including the FiLM tensors computed outside the solve.
+            adjoint_params = tuple(self.acceleration.parameters()) + (scale, shift)
+        position, _, nfe = solve_second_order(
+            acceleration, hidden_states, velocity, settings, block_name=self.name, adjoint_params=adjoint_params
+        )
+        if not torch.compiler.is_compiling():
+            self.last_nfe = nfe
+        return position
+
+
+class SpatialSelfAttention(nn.Module):
+    """Multi-head self-attention over the pixels of a feature map, with a residual connection.
+
+    RMSNorm over channels, 1x1-conv queries, keys and values, scaled dot-product attention with
+    dropout on the attention weights, 1x1-conv output projection.
+    """
+
+    def __init__(self, channels: int, head_dim: int, dropout: float = 0.0):
+        super().__init__()
+        if channels % head_dim != 0 and head_dim < channels:
+            raise ValueError(
+                f"attention_head_dim={head_dim} does not divide the attention level's width {channels}; "
+                "choose a head size that divides it."
+            )
+        self.num_heads = max(1, channels // head_dim)
+        self.norm = nn.RMSNorm(channels, eps=1e-6)
+        self.to_qkv = nn.Conv2d(channels, 3 * channels, kernel_size=1)
+        self.to_out = nn.Conv2d(channels, channels, kernel_size=1)
+        self.dropout = dropout
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = hidden_states.shape
+        normed = self.norm(hidden_states.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+        query, key, value = self.to_qkv(normed).chunk(3, dim=1)
+        # (batch, heads, height * width, head_dim)
+        query, key, value = (
+            tensor.reshape(batch, self.num_heads, channels // self.num_heads, height * width).transpose(-1, -2)
+            for tensor in (query, key, value)
+        )
+        attended = F.scaled_dot_product_attention(
+            query, key, value, dropout_p=self.dropout if self.training else 0.0
+        )
+        attended = attended.transpose(-1, -2).reshape(batch, channels, height, width)
+        return hidden_states + self.to_out(attended)
