@@ -7,11 +7,17 @@ Importing the package registers `diffusers_cunet` with diffusers' pipeline loade
 from .models import ContinuousUNet2DModel, NFEStats
 from .ode import NonFiniteStateError, ODESolverError, ODESolverSettings
 from . import presets
+from .hub.loading import register_with_diffusers as _register_with_diffusers
+from .pipelines import ContinuousUNetPipeline
+
+# The class must be importable from the package before diffusers' loader tables point at it.
+_register_with_diffusers()
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ContinuousUNet2DModel",
+    "ContinuousUNetPipeline",
     "NFEStats",
     "NonFiniteStateError",
     "ODESolverError",

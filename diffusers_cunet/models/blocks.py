@@ -133,8 +133,14 @@ class DynamicBlock(nn.Module):
         adjoint_params = ()
         if settings.adjoint:
             # The adjoint recomputes the field backwards in s; every tensor it reads that needs a
-            # gradient must be listed, including the FiLM tensors computed outside the solve.
-            adjoint_params = tuple(self.acceleration.parameters()) + (scale, shift)
+            # gradient must be listed, including the FiLM tensors computed outside the solve. The
+            # FiLM layer's own parameters are left out: torchdiffeq differentiates the field through
+            # `scale` and `shift` back to them, and the gradient of `scale` and `shift` reaches them
+            # again through autograd, so listing them would count their gradient twice.
+            film_parameters = set(self.acceleration.film.parameters())
+            adjoint_params = tuple(
+                parameter for parameter in self.acceleration.parameters() if parameter not in film_parameters
+            ) + (scale, shift)
         position, _, nfe = solve_second_order(
             acceleration, hidden_states, velocity, settings, block_name=self.name, adjoint_params=adjoint_params
         )

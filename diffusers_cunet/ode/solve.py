@@ -209,13 +209,17 @@ def _solve_torchdiffeq(counted, x, v, settings, adjoint_params):
         options = {"max_num_steps": settings.max_steps}
     else:
         steps = settings.steps
-        # An explicit grid: a `step_size` of 1/steps can round to one extra tiny step.
-        options = {"grid_constructor": lambda func, y0, t: torch.linspace(0.0, 1.0, steps + 1, dtype=t.dtype, device=t.device)}
+        # An explicit grid: a `step_size` of 1/steps can round to one extra tiny step. The grid spans
+        # the interval torchdiffeq passes in, because the adjoint's backward solve runs over [-1, 0].
+        options = {"grid_constructor": lambda func, y0, t: torch.linspace(t[0], t[-1], steps + 1, dtype=t.dtype, device=t.device)}
 
     kwargs = dict(rtol=settings.rtol, atol=settings.atol, method=method, options=options)
     if settings.adjoint:
+        # torchdiffeq replaces `options` with `adjoint_options` for the backward solve, so the grid
+        # and the step limit must be passed again, or the backward solve takes a single step.
+        adjoint_options = {**options, "norm": "seminorm"}
         trajectory = torchdiffeq.odeint_adjoint(
-            vector_field, (x, v), ode_time, adjoint_params=tuple(adjoint_params), adjoint_options=dict(norm="seminorm"), **kwargs
+            vector_field, (x, v), ode_time, adjoint_params=tuple(adjoint_params), adjoint_options=adjoint_options, **kwargs
         )
     else:
         trajectory = torchdiffeq.odeint(vector_field, (x, v), ode_time, **kwargs)

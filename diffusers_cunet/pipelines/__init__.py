@@ -1,0 +1,4 @@
+from .pipeline_cunet import ContinuousUNetPipeline
+
+
+__all__ = ["ContinuousUNetPipeline"]

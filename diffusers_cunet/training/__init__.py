@@ -1,0 +1,18 @@
+"""Training helpers shared by `examples/train_cunet.py` and the tests."""
+
+from .augment import EpochSeededSampler, SeededImageTransform, SeededTrainingDataset
+from .checkpoints import checkpoint_step, list_checkpoints, resolve_checkpoint, save_checkpoint_atomically
+from .objectives import PREDICTION_TYPES, diffusion_loss, signal_to_noise_ratio
+
+__all__ = [
+    "EpochSeededSampler",
+    "PREDICTION_TYPES",
+    "SeededImageTransform",
+    "SeededTrainingDataset",
+    "checkpoint_step",
+    "diffusion_loss",
+    "list_checkpoints",
+    "resolve_checkpoint",
+    "save_checkpoint_atomically",
+    "signal_to_noise_ratio",
+]

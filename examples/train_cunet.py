@@ -1,0 +1,738 @@
+#!/usr/bin/env python
+"""Train a DDPM whose denoiser is a continuous U-Net (or the UNet2DModel baseline).
+
+    accelerate launch examples/train_cunet.py                       # embedded MNIST digits, CPU minutes
+    accelerate launch examples/train_cunet.py --dataset_name nielsr/CelebA-faces --resolution 64 \
+        --preset thesis_cunet --max_train_steps 500000 --train_batch_size 128 --learning_rate 2e-4
+
+The output folder is a complete diffusers pipeline (`DDPMPipeline.from_pretrained(output_dir)`
+loads it after `import diffusers_cunet`), with a model card, sample grids, tensorboard logs and
+`checkpoint-N/` folders for `--resume_from_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+import diffusers_cunet
+from diffusers_cunet import ContinuousUNet2DModel, presets
+from diffusers_cunet.ode import ODE_BACKENDS, ODE_SOLVERS
+from diffusers_cunet.training import (
+    PREDICTION_TYPES,
+    EpochSeededSampler,
+    SeededImageTransform,
+    SeededTrainingDataset,
+    checkpoint_step,
+    diffusion_loss,
+    resolve_checkpoint,
+    save_checkpoint_atomically,
+)
+
+logger = get_logger(__name__, log_level="INFO")
+
+CUNET_PRESETS = ("mnist_cunet", "thesis_cunet")
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset_name", type=str, default=None,
+                      help="Hub dataset id loaded with `datasets`. Without it and --train_data_dir, the embedded MNIST digits are used.")
+    data.add_argument("--dataset_config_name", type=str, default=None, help="Config name of the Hub dataset.")
+    data.add_argument("--train_data_dir", type=str, default=None, help="Folder of images loaded as an `imagefolder` dataset.")
+    data.add_argument("--cache_dir", type=str, default=None, help="Where downloaded datasets are cached.")
+    data.add_argument("--image_column", type=str, default=None, help="Image column; detected from the features when omitted.")
+    data.add_argument("--label_column", type=str, default=None, help="Label column for class-conditional training; detected when omitted.")
+    data.add_argument("--resolution", type=int, default=32, help="Training height and width in pixels. 28x28 digits are padded to 32.")
+    data.add_argument("--num_channels", type=int, choices=(1, 3), default=None,
+                      help="Image channels (1 grayscale, 3 RGB). Detected from the first image when omitted.")
+    data.add_argument("--center_crop", action="store_true", help="Center crop after resizing (default: random crop).")
+    data.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
+    data.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loader worker processes.")
+    data.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N training images.")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", choices=("cunet", "unet"), default="cunet",
+                       help="cunet: ContinuousUNet2DModel; unet: the UNet2DModel baseline preset.")
+    model.add_argument("--preset", choices=CUNET_PRESETS, default="mnist_cunet",
+                       help="Continuous U-Net preset: the CPU-sized MNIST model or the thesis-scale model.")
+    model.add_argument("--model_config_name_or_path", type=str, default=None,
+                       help="A model config (folder or config.json) to build instead of a preset.")
+    model.add_argument("--block_out_channels", type=int, nargs="+", default=None, help="Override the preset's level widths.")
+    model.add_argument("--ode_solver", choices=ODE_SOLVERS, default=None, help="ODE solver of the dynamic blocks.")
+    model.add_argument("--ode_steps", type=int, default=None, help="Steps per dynamic block for fixed-step solvers.")
+    model.add_argument("--ode_rtol", type=float, default=None, help="Relative tolerance of adaptive solvers.")
+    model.add_argument("--ode_atol", type=float, default=None, help="Absolute tolerance of adaptive solvers.")
+    model.add_argument("--ode_max_steps", type=int, default=None, help="Step limit of adaptive solvers.")
+    model.add_argument("--ode_adjoint", action="store_true", help="Adjoint gradients (constant memory, slower).")
+    model.add_argument("--ode_backend", choices=ODE_BACKENDS, default=None, help="ODE backend.")
+    model.add_argument("--no_attention", action="store_true", help="Ablation: no self-attention.")
+    model.add_argument("--no_residual", action="store_true", help="Ablation: no residual path in the acceleration field.")
+    model.add_argument("--dropout", type=float, default=None, help="Dropout in the acceleration field and attention.")
+    model.add_argument("--num_class_embeds", type=int, default=None,
+                       help="Train class-conditionally with this many classes (needs a label column).")
+    model.add_argument("--class_conditional", action="store_true",
+                       help="Train class-conditionally, with the class count read from the label column.")
+    model.add_argument("--gradient_checkpointing", action="store_true", help="Recompute activations in backward to save memory.")
+
+    diffusion = parser.add_argument_group("diffusion")
+    diffusion.add_argument("--prediction_type", choices=PREDICTION_TYPES, default="v_prediction", help="What the model predicts.")
+    diffusion.add_argument("--snr_gamma", type=float, default=5.0,
+                           help="Min-SNR-gamma loss weighting; 0 disables it (uniform weights).")
+    diffusion.add_argument("--ddpm_num_steps", type=int, default=1000, help="Diffusion timesteps of the noise scheduler.")
+    diffusion.add_argument("--ddpm_num_inference_steps", type=int, default=50, help="Sampling steps for the sample grids.")
+    diffusion.add_argument("--ddpm_beta_schedule", choices=BETA_SCHEDULES, default="squaredcos_cap_v2", help="Beta schedule.")
+    diffusion.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim", help="Scheduler for the sample grids.")
+
+    optimization = parser.add_argument_group("optimization")
+    optimization.add_argument("--seed", type=int, default=0, help="Seed for weights, data order, noise and timesteps.")
+    optimization.add_argument("--train_batch_size", type=int, default=64, help="Batch size per process.")
+    optimization.add_argument("--eval_batch_size", type=int, default=64, help="Number of images in each sample grid.")
+    optimization.add_argument("--num_epochs", type=int, default=100, help="Epochs, unless --max_train_steps is set.")
+    optimization.add_argument("--max_train_steps", type=int, default=None,
+                              help="Optimizer steps to train for; overrides --num_epochs. Default: 1800 on the embedded MNIST data.")
+    optimization.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches per optimizer step.")
+    optimization.add_argument("--learning_rate", type=float, default=2e-3, help="Peak learning rate.")
+    optimization.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default="cosine", help="Learning-rate schedule.")
+    optimization.add_argument("--lr_warmup_steps", type=int, default=100, help="Warm-up optimizer steps.")
+    optimization.add_argument("--adam_beta1", type=float, default=0.9)
+    optimization.add_argument("--adam_beta2", type=float, default=0.99)
+    optimization.add_argument("--adam_weight_decay", type=float, default=0.0)
+    optimization.add_argument("--adam_epsilon", type=float, default=1e-8)
+    optimization.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
+    optimization.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True,
+                              help="Keep an exponential moving average of the weights (saved in the pipeline).")
+    optimization.add_argument("--ema_inv_gamma", type=float, default=1.0, help="EMA warm-up inverse gamma.")
+    optimization.add_argument("--ema_power", type=float, default=2 / 3, help="EMA warm-up power.")
+    optimization.add_argument("--ema_max_decay", type=float, default=0.9999, help="Maximum EMA decay.")
+    optimization.add_argument("--mixed_precision", choices=MIXED_PRECISION, default=None,
+                              help="Overrides accelerate's setting. bf16 works on CPUs; fp16 needs a GPU.")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--output_dir", type=str, default="cunet-mnist", help="Pipeline, card, samples, logs and checkpoints.")
+    output.add_argument("--overwrite_output_dir", action="store_true", help="Delete the output folder's content first.")
+    output.add_argument("--logger", choices=("tensorboard", "wandb", "none"), default="tensorboard", help="Experiment tracker.")
+    output.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to --output_dir.")
+    output.add_argument("--save_images_epochs", type=int, default=None, help="Save a sample grid every N epochs.")
+    output.add_argument("--save_images_steps", type=int, default=None, help="Save a sample grid every N optimizer steps.")
+    output.add_argument("--save_model_epochs", type=int, default=None, help="Save the pipeline every N epochs.")
+    output.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N optimizer steps.")
+    output.add_argument("--checkpoints_total_limit", type=int, default=2, help="Keep at most N checkpoints.")
+    output.add_argument("--resume_from_checkpoint", type=str, default=None, help="A checkpoint-N folder, or 'latest'.")
+    output.add_argument("--exit_after_steps", type=int, default=None,
+                        help="Save a checkpoint and exit after N optimizer steps of this run (for time-limited job "
+                             "queues); continue later with --resume_from_checkpoint latest.")
+    output.add_argument("--evaluate_digits", action=argparse.BooleanOptionalAction, default=None,
+                        help="Judge 64 final samples with the shipped digit classifier (default: on for MNIST data).")
+    output.add_argument("--push_to_hub", action="store_true", help="Upload the pipeline folder to the Hub at the end.")
+    output.add_argument("--hub_model_id", type=str, default=None, help="Hub repo id; defaults to the output folder's name.")
+    output.add_argument("--hub_token", type=str, default=None, help="Hub token; defaults to HF_TOKEN or the stored login.")
+    output.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repo as private.")
+    output.add_argument("--local_rank", type=int, default=-1, help="Set by launchers; unused.")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    validate_args(args)
+    return args
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Reject bad settings with a message that names the value and the fix, before any work starts."""
+    positive = ("resolution", "train_batch_size", "eval_batch_size", "num_epochs", "gradient_accumulation_steps",
+                "ddpm_num_steps", "ddpm_num_inference_steps", "checkpointing_steps")
+    for name in positive:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name}={value} is invalid; it must be at least 1.")
+    for name in ("max_train_steps", "save_images_epochs", "save_images_steps", "save_model_epochs",
+                 "checkpoints_total_limit", "max_train_samples", "num_class_embeds", "ode_steps", "ode_max_steps",
+                 "exit_after_steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name}={value} is invalid; use a positive number or leave it unset.")
+    if args.dataloader_num_workers < 0:
+        raise ValueError(f"--dataloader_num_workers={args.dataloader_num_workers} must be 0 or more.")
+    if args.learning_rate <= 0:
+        raise ValueError(f"--learning_rate={args.learning_rate} must be positive.")
+    if args.lr_warmup_steps < 0:
+        raise ValueError(f"--lr_warmup_steps={args.lr_warmup_steps} must be 0 or more.")
+    if not 0.0 <= args.adam_beta1 < 1.0 or not 0.0 <= args.adam_beta2 < 1.0:
+        raise ValueError(f"--adam_beta1={args.adam_beta1} and --adam_beta2={args.adam_beta2} must be in [0, 1).")
+    if args.snr_gamma < 0:
+        raise ValueError(f"--snr_gamma={args.snr_gamma} must be 0 (off) or positive.")
+    for name in ("ode_rtol", "ode_atol"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{name}={value} must be positive, for example 1e-3.")
+    if args.dataset_name and args.train_data_dir:
+        raise ValueError("Pass either --dataset_name or --train_data_dir, not both.")
+    if args.train_data_dir is not None and not Path(args.train_data_dir).is_dir():
+        raise FileNotFoundError(f"--train_data_dir {args.train_data_dir!r} is not a folder; pass a folder of images.")
+    if args.model == "unet" and args.preset != "mnist_cunet":
+        raise ValueError("--preset selects a continuous U-Net preset; it does not apply to --model unet.")
+    if args.model == "unet" and (args.ode_solver or args.ode_steps or args.ode_adjoint or args.no_attention or args.no_residual):
+        raise ValueError("ODE options and ablation switches apply to --model cunet only.")
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("--mixed_precision fp16 needs a CUDA GPU; on a CPU use --mixed_precision bf16 or no.")
+    if args.push_to_hub and args.hub_model_id is None:
+        args.hub_model_id = Path(args.output_dir).resolve().name
+    if args.num_class_embeds is not None:
+        args.class_conditional = True
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+@dataclass
+class TrainingSetup:
+    accelerator: Accelerator
+    model: torch.nn.Module
+    ema: EMAModel | None
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    noise_scheduler: DDPMScheduler
+    dataloader: torch.utils.data.DataLoader
+    dataset: SeededTrainingDataset
+    sampler: EpochSeededSampler
+    channels: int
+    num_classes: int | None
+    dataset_label: str
+    max_train_steps: int
+    num_update_steps_per_epoch: int
+    num_epochs: int
+
+
+def create_accelerator(args: argparse.Namespace) -> Accelerator:
+    output_dir = Path(args.output_dir)
+    project_config = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir))
+    # On a machine without CUDA, accelerate 1.16 forms one gloo process group across the launched
+    # processes only when `cpu=True`; without it, each process silently trains alone.
+    cpu_only = not torch.cuda.is_available()
+    return Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.logger == "none" else args.logger,
+        project_config=project_config,
+        cpu=cpu_only,
+    )
+
+
+def load_data(args: argparse.Namespace):
+    """Load the dataset and return (dataset, image column, label column, channels, dataset label)."""
+    from diffusers_cunet import data as cunet_data
+
+    dataset = cunet_data.load_training_dataset(
+        dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
+        train_data_dir=args.train_data_dir, cache_dir=args.cache_dir,
+    )
+    if args.max_train_samples is not None:
+        dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
+    if len(dataset) == 0:
+        raise ValueError("The training dataset is empty; check --dataset_name or --train_data_dir.")
+    image_column = cunet_data.detect_image_column(dataset, args.image_column)
+    label_column = None
+    if args.class_conditional:
+        label_column = cunet_data.detect_label_column(dataset, args.label_column)
+    channels = args.num_channels or cunet_data.infer_num_channels(dataset, image_column)
+    if args.dataset_name:
+        label = args.dataset_name
+    elif args.train_data_dir:
+        label = f"image folder {Path(args.train_data_dir).name}"
+    else:
+        label = "mnist (embedded 5,000-digit subset)"
+    return dataset, image_column, label_column, channels, label
+
+
+def build_model(args: argparse.Namespace, channels: int, num_classes: int | None):
+    if args.model == "unet":
+        overrides = {"num_class_embeds": num_classes} if num_classes else {}
+        return presets.thesis_unet(args.resolution, channels, **overrides)
+
+    if args.model_config_name_or_path:
+        config = ContinuousUNet2DModel.load_config(args.model_config_name_or_path)
+        model = ContinuousUNet2DModel.from_config(config)
+        return model
+
+    overrides = {}
+    if args.block_out_channels:
+        # New widths also move the bottleneck to the last width (the preset's own rule).
+        overrides["block_out_channels"] = tuple(args.block_out_channels)
+        overrides["mid_block_channels"] = args.block_out_channels[-1]
+    for option, key in (("ode_solver", "ode_solver"), ("ode_steps", "ode_steps"), ("ode_rtol", "ode_rtol"),
+                        ("ode_atol", "ode_atol"), ("ode_max_steps", "ode_max_steps"), ("ode_backend", "ode_backend"),
+                        ("dropout", "dropout")):
+        value = getattr(args, option)
+        if value is not None:
+            overrides[key] = value
+    if args.ode_adjoint:
+        overrides["ode_adjoint"] = True
+    if args.no_attention:
+        overrides["use_attention"] = False
+    if args.no_residual:
+        overrides["use_residual"] = False
+    if num_classes:
+        overrides["num_class_embeds"] = num_classes
+    return presets.PRESETS[args.preset](args.resolution, channels, **overrides)
+
+
+def setup(args: argparse.Namespace, accelerator: Accelerator) -> TrainingSetup:
+    dataset, image_column, label_column, channels, dataset_label = load_data(args)
+    from diffusers_cunet import data as cunet_data
+
+    num_classes = None
+    if args.class_conditional:
+        num_classes = args.num_class_embeds or cunet_data.get_num_classes(dataset, label_column)
+
+    transform = SeededImageTransform(
+        resolution=args.resolution, channels=channels, center_crop=args.center_crop,
+        random_flip=args.random_flip, pad_small=True, convert=cunet_data.convert_image,
+    )
+    training_dataset = SeededTrainingDataset(dataset, image_column, transform, args.seed, label_column)
+    sampler = EpochSeededSampler(len(training_dataset), args.seed)
+    dataloader = torch.utils.data.DataLoader(
+        training_dataset, batch_size=args.train_batch_size, sampler=sampler,
+        num_workers=args.dataloader_num_workers, drop_last=len(training_dataset) >= args.train_batch_size * accelerator.num_processes,
+    )
+
+    model = build_model(args, channels, num_classes)
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    ema = None
+    if args.use_ema:
+        ema = EMAModel(
+            model.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma,
+            power=args.ema_power, model_cls=type(model), model_config=model.config,
+        )
+
+    noise_scheduler = DDPMScheduler(
+        num_train_timesteps=args.ddpm_num_steps, beta_schedule=args.ddpm_beta_schedule,
+        prediction_type=args.prediction_type,
+    )
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+    )
+
+    # Steps are optimizer steps: one per `gradient_accumulation_steps` batches on every process.
+    batches_per_process = math.ceil(len(dataloader) / accelerator.num_processes)
+    num_update_steps_per_epoch = max(1, math.ceil(batches_per_process / args.gradient_accumulation_steps))
+    max_train_steps = args.max_train_steps
+    if max_train_steps is None:
+        max_train_steps = 1800 if not (args.dataset_name or args.train_data_dir) else args.num_epochs * num_update_steps_per_epoch
+    num_epochs = math.ceil(max_train_steps / num_update_steps_per_epoch)
+
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
+    )
+    model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
+    if ema is not None:
+        ema.to(accelerator.device)
+        register_ema_checkpoint_hooks(accelerator, ema, type(accelerator.unwrap_model(model)))
+
+    return TrainingSetup(
+        accelerator=accelerator, model=model, ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler,
+        noise_scheduler=noise_scheduler, dataloader=dataloader, dataset=training_dataset, sampler=sampler,
+        channels=channels, num_classes=num_classes, dataset_label=dataset_label, max_train_steps=max_train_steps,
+        num_update_steps_per_epoch=num_update_steps_per_epoch, num_epochs=num_epochs,
+    )
+
+
+def register_ema_checkpoint_hooks(accelerator: Accelerator, ema: EMAModel, model_cls) -> None:
+    """Save the EMA shadow weights as safetensors in `checkpoint-N/unet_ema`, with its step count and decay settings."""
+
+    def save_ema(models, weights, output_dir):
+        if accelerator.is_main_process:
+            ema.save_pretrained(os.path.join(output_dir, "unet_ema"))
+
+    def load_ema(models, input_dir):
+        path = os.path.join(input_dir, "unet_ema")
+        if not os.path.isdir(path):
+            raise FileNotFoundError(
+                f"{input_dir!r} has no unet_ema folder, but this run uses EMA; resume with --use_ema as the "
+                "checkpoint was written, or pass --no-use_ema."
+            )
+        loaded = EMAModel.from_pretrained(path, model_cls=model_cls)
+        ema.load_state_dict(loaded.state_dict())
+        ema.to(accelerator.device)
+
+    accelerator.register_save_state_pre_hook(save_ema)
+    accelerator.register_load_state_pre_hook(load_ema)
+
+
+# ----------------------------------------------------------------------------- training step
+
+
+def step_generator(seed: int, step: int, process_index: int, micro_step: int) -> torch.Generator:
+    """A generator for one batch's noise and timesteps, independent of what ran before (so resume is exact)."""
+    return torch.Generator().manual_seed(hash((seed, step, process_index, micro_step)) & 0x7FFF_FFFF_FFFF)
+
+
+def train_step(args, state: TrainingSetup, batch: dict, generator: torch.Generator) -> torch.Tensor:
+    """Run one forward/backward on a batch (an optimizer step once gradients are synchronised)."""
+    accelerator = state.accelerator
+    clean_images = batch["input"]
+    batch_size = clean_images.shape[0]
+
+    # Noise and timesteps are drawn on the CPU from the step's own generator, then moved.
+    noise = torch.randn(clean_images.shape, generator=generator).to(clean_images.device, clean_images.dtype)
+    timesteps = torch.randint(0, state.noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+    timesteps = timesteps.to(clean_images.device)
+    noisy_images = state.noise_scheduler.add_noise(clean_images, noise, timesteps)
+
+    with accelerator.accumulate(state.model):
+        with accelerator.autocast():
+            model_output = state.model(noisy_images, timesteps, class_labels=batch.get("class_labels")).sample
+        loss = diffusion_loss(
+            model_output, clean_images, noise, timesteps, state.noise_scheduler, args.prediction_type,
+            snr_gamma=args.snr_gamma or None,
+        )
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and args.max_grad_norm:
+            accelerator.clip_grad_norm_(state.model.parameters(), args.max_grad_norm)
+        state.optimizer.step()
+        state.lr_scheduler.step()
+        state.optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+# ----------------------------------------------------------------------------- sampling and evaluation
+
+
+def sampling_scheduler(args, noise_scheduler: DDPMScheduler):
+    if args.sampler == "ddim":
+        return DDIMScheduler.from_config(noise_scheduler.config)
+    return DDPMScheduler.from_config(noise_scheduler.config)
+
+
+@torch.no_grad()
+def generate_samples(args, state: TrainingSetup, num_images: int, seed: int) -> torch.Tensor:
+    """Generate `num_images` samples in [-1, 1] with the EMA weights swapped in (and back out)."""
+    from diffusers_cunet.pipelines import ContinuousUNetPipeline
+
+    model = state.accelerator.unwrap_model(state.model)
+    if state.ema is not None:
+        # EMA weights go in for sampling and the training weights come back bit for bit after it.
+        state.ema.store(model.parameters())
+        state.ema.copy_to(model.parameters())
+    was_training = model.training
+    model.eval()
+    try:
+        pipeline = ContinuousUNetPipeline(unet=model, scheduler=sampling_scheduler(args, state.noise_scheduler))
+        pipeline.set_progress_bar_config(disable=True)
+        # In-training sampling never asks for more steps than the noise scheduler has.
+        steps = min(args.ddpm_num_inference_steps, args.ddpm_num_steps)
+        class_labels = None
+        if state.num_classes:
+            class_labels = torch.arange(num_images) % state.num_classes
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        images = pipeline(
+            batch_size=num_images, generator=generator, num_inference_steps=steps,
+            class_labels=class_labels, output_type="pt",
+        ).images
+    finally:
+        if was_training:
+            model.train()
+        if state.ema is not None:
+            state.ema.restore(model.parameters())
+    return images
+
+
+def save_image_grid(images: torch.Tensor, path: Path) -> None:
+    """Save images in [0, 1], (N, C, H, W) or (N, H, W, C), as one PNG grid."""
+    import torchvision
+
+    if images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
+        images = images.permute(0, 3, 1, 2)
+    nrow = int(math.ceil(math.sqrt(images.shape[0])))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp.png")
+    torchvision.utils.save_image(images.float().clamp(0, 1), temporary, nrow=nrow, padding=2, pad_value=1.0)
+    os.replace(temporary, path)
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def export_model(args, state: TrainingSetup):
+    """A standalone copy of the model holding the EMA weights (or the training weights without EMA)."""
+    model = state.accelerator.unwrap_model(state.model)
+    exported = type(model).from_config(model.config)
+    exported.load_state_dict(model.state_dict())
+    if state.ema is not None:
+        state.ema.copy_to(exported.parameters())
+    if hasattr(exported, "disable_gradient_checkpointing") and getattr(exported, "is_gradient_checkpointing", False):
+        exported.disable_gradient_checkpointing()
+    return exported.to("cpu", dtype=torch.float32)
+
+
+def save_pipeline(args, state: TrainingSetup, output_dir: Path) -> None:
+    """Write model_index.json, unet/ (safetensors) and scheduler/ through a temporary folder."""
+    pipeline = DDPMPipeline(unet=export_model(args, state), scheduler=DDPMScheduler.from_config(state.noise_scheduler.config))
+    temporary = output_dir / ".tmp-pipeline"
+    shutil.rmtree(temporary, ignore_errors=True)
+    pipeline.save_pretrained(temporary, safe_serialization=True)
+    for entry in temporary.iterdir():
+        target = output_dir / entry.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    temporary.rmdir()
+
+
+def push_folder_to_hub(args, output_dir: Path) -> str:
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = create_repo(args.hub_model_id, exist_ok=True, private=args.hub_private_repo, token=args.hub_token).repo_id
+    upload_folder(
+        repo_id=repo_id, folder_path=str(output_dir), token=args.hub_token,
+        commit_message="Upload continuous U-Net DDPM pipeline",
+        ignore_patterns=["checkpoint-*", ".tmp-*", "*.bin", "*.pt", "*.pth", "logs/*", "step_*", "epoch_*"],
+    )
+    return repo_id
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def log_banner(args, state: TrainingSetup) -> None:
+    model = state.accelerator.unwrap_model(state.model)
+    total_batch = args.train_batch_size * state.accelerator.num_processes * args.gradient_accumulation_steps
+    lines = [
+        "***** Running training *****",
+        f"  Model = {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters)",
+        f"  Dataset = {state.dataset_label}: {len(state.dataset)} images, {state.channels} channel(s), {args.resolution}x{args.resolution}",
+        f"  Num processes = {state.accelerator.num_processes} ({state.accelerator.distributed_type.value}, "
+        f"backend={getattr(state.accelerator.state, 'backend', None)}), device = {state.accelerator.device}",
+        f"  Num epochs = {state.num_epochs}",
+        f"  Instantaneous batch size per device = {args.train_batch_size}",
+        f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch}",
+        f"  Gradient accumulation steps = {args.gradient_accumulation_steps}",
+        f"  Total optimization steps = {state.max_train_steps}",
+        f"  Mixed precision = {state.accelerator.mixed_precision}",
+    ]
+    if isinstance(model, ContinuousUNet2DModel):
+        settings = model.solver_settings
+        lines.append(f"  ODE solver = {settings.solver} x {settings.steps} step(s), backend = {settings.resolved_backend}")
+    for line in lines:
+        logger.info(line)
+
+
+def resume(args, state: TrainingSetup) -> int:
+    """Load a checkpoint when asked and return the optimizer step it reached (0 for a fresh run)."""
+    if not args.resume_from_checkpoint:
+        return 0
+    path = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    if path is None:
+        logger.info("No checkpoint in %s; starting a new run.", args.output_dir)
+        return 0
+    logger.info("Resuming from %s", path)
+    state.accelerator.load_state(str(path))
+    return checkpoint_step(path)
+
+
+def model_nfe_per_step(model) -> int | None:
+    if isinstance(model, ContinuousUNet2DModel):
+        return model.nfe.total
+    return None
+
+
+def main(args: argparse.Namespace) -> dict:
+    output_dir = Path(args.output_dir)
+    accelerator = create_accelerator(args)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    if accelerator.is_main_process:
+        if args.overwrite_output_dir and output_dir.exists():
+            shutil.rmtree(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    set_seed(args.seed)
+
+    state = setup(args, accelerator)
+    if accelerator.is_main_process and args.logger != "none":
+        tracker_config = {key: value for key, value in vars(args).items() if isinstance(value, (int, float, str, bool))}
+        accelerator.init_trackers("train_cunet", config=tracker_config)
+    log_banner(args, state)
+
+    global_step = resume(args, state)
+    first_epoch = global_step // state.num_update_steps_per_epoch
+    resume_batches = (global_step % state.num_update_steps_per_epoch) * args.gradient_accumulation_steps
+
+    progress = tqdm(total=state.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="Steps")
+    model = state.model
+    start_time = time.perf_counter()
+    start_step = global_step
+    images_seen = 0
+    last_loss = float("nan")
+    micro_step = 0
+    for epoch in range(first_epoch, state.num_epochs):
+        if global_step >= state.max_train_steps:
+            break
+        state.dataset.set_epoch(epoch)
+        state.sampler.set_epoch(epoch)
+        model.train()
+        loader = state.dataloader
+        if epoch == first_epoch and resume_batches:
+            loader = accelerator.skip_first_batches(loader, resume_batches)
+        for batch in loader:
+            generator = step_generator(args.seed, global_step, accelerator.process_index, micro_step)
+            micro_step = (micro_step + 1) % args.gradient_accumulation_steps
+            loss = train_step(args, state, batch, generator)
+            images_seen += batch["input"].shape[0] * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+
+            if state.ema is not None:
+                state.ema.step(accelerator.unwrap_model(model).parameters())
+            global_step += 1
+            progress.update(1)
+            elapsed = time.perf_counter() - start_time
+            last_loss = accelerator.gather(loss.reshape(1)).mean().item()
+            logs = {
+                "loss": last_loss,
+                "lr": state.lr_scheduler.get_last_lr()[0],
+                "step": global_step,
+                "images_per_second": images_seen / max(elapsed, 1e-9),
+            }
+            if state.ema is not None:
+                logs["ema_decay"] = state.ema.cur_decay_value
+            nfe = model_nfe_per_step(accelerator.unwrap_model(model))
+            if nfe is not None:
+                logs["nfe"] = nfe
+            progress.set_postfix(**{key: f"{value:.4g}" for key, value in logs.items() if key != "step"})
+            accelerator.log(logs, step=global_step)
+
+            if global_step % args.checkpointing_steps == 0:
+                path = save_checkpoint_atomically(accelerator, output_dir, global_step, args.checkpoints_total_limit)
+                logger.info("Saved checkpoint %s", path)
+            if args.save_images_steps and global_step % args.save_images_steps == 0:
+                images = generate_samples(args, state, args.eval_batch_size, seed=args.seed)
+                if accelerator.is_main_process:
+                    save_image_grid(images, output_dir / "samples" / f"step-{global_step:06d}.png")
+            if args.exit_after_steps and global_step - start_step >= args.exit_after_steps:
+                break
+            if global_step >= state.max_train_steps:
+                break
+
+        if args.exit_after_steps and global_step - start_step >= args.exit_after_steps and global_step < state.max_train_steps:
+            if global_step % args.checkpointing_steps:
+                save_checkpoint_atomically(accelerator, output_dir, global_step, args.checkpoints_total_limit)
+            logger.info("Stopping after %d steps of this run at step %d (--exit_after_steps); resume with "
+                        "--resume_from_checkpoint latest.", args.exit_after_steps, global_step)
+            progress.close()
+            accelerator.end_training()
+            return {"global_step": global_step, "interrupted": True}
+        if args.save_images_epochs and (epoch + 1) % args.save_images_epochs == 0:
+            images = generate_samples(args, state, args.eval_batch_size, seed=args.seed)
+            if accelerator.is_main_process:
+                save_image_grid(images, output_dir / "samples" / f"epoch-{epoch + 1:04d}.png")
+        if args.save_model_epochs and (epoch + 1) % args.save_model_epochs == 0 and accelerator.is_main_process:
+            save_pipeline(args, state, output_dir)
+    progress.close()
+    training_seconds = time.perf_counter() - start_time
+    accelerator.wait_for_everyone()
+
+    return finish(args, state, global_step, start_step, training_seconds, images_seen, last_loss)
+
+
+def finish(args, state: TrainingSetup, global_step, start_step, training_seconds, images_seen, last_loss) -> dict:
+    """Sample the final grid, judge digits, save the pipeline and card, and push when asked."""
+    from diffusers_cunet.hub import render_model_card
+
+    accelerator = state.accelerator
+    output_dir = Path(args.output_dir)
+    model = accelerator.unwrap_model(state.model)
+    # Every rank logs a checksum of its weights, so a multi-process run shows that the ranks agree.
+    checksum = sum(float(parameter.detach().double().sum()) for parameter in model.parameters())
+    logger.info("Rank %d weights checksum %.10e", accelerator.process_index, checksum, main_process_only=False)
+
+    sampling_start = time.perf_counter()
+    images = generate_samples(args, state, args.eval_batch_size, seed=args.seed)
+    sampling_seconds = time.perf_counter() - sampling_start
+    nfe_per_denoising_step = model_nfe_per_step(model)
+
+    results = {
+        "global_step": global_step,
+        "steps_this_run": global_step - start_step,
+        "training_seconds": round(training_seconds, 1),
+        "images_per_second": round(images_seen / max(training_seconds, 1e-9), 2),
+        "final_loss": last_loss,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "nfe_per_denoising_step": nfe_per_denoising_step,
+        "sampling_seconds_per_image": round(sampling_seconds / images.shape[0], 4),
+        "sampler": f"{args.sampler} x {min(args.ddpm_num_inference_steps, args.ddpm_num_steps)} steps",
+        "num_processes": accelerator.num_processes,
+        "distributed_type": accelerator.distributed_type.value,
+        "process_group_backend": getattr(accelerator.state, "backend", None),
+        "hardware": describe_hardware(accelerator),
+        "dataset": state.dataset_label,
+    }
+
+    evaluate_digits = args.evaluate_digits
+    if evaluate_digits is None:
+        evaluate_digits = not (args.dataset_name or args.train_data_dir) and state.channels == 1
+    if evaluate_digits and accelerator.is_main_process:
+        from diffusers_cunet.evaluation import judge_digits, load_digit_classifier
+
+        verdict = judge_digits(images * 2.0 - 1.0, classifier=load_digit_classifier())
+        results["digit_confident_share"] = round(float(verdict["confident_share"]), 4)
+        results["digit_num_classes"] = int(verdict["num_classes"])
+        logger.info(
+            "Digit classifier: %.0f%% of %d samples called with p >= 0.9, %d classes among them",
+            100 * results["digit_confident_share"], images.shape[0], results["digit_num_classes"],
+        )
+
+    if accelerator.is_main_process:
+        save_image_grid(images, output_dir / "samples" / "final.png")
+        save_pipeline(args, state, output_dir)
+        card = render_model_card(args=vars(args), results=results, sample_grid="samples/final.png",
+                                 repo_id=args.hub_model_id)
+        card.save(str(output_dir / "README.md"))
+        (output_dir / "training_results.json").write_text(json.dumps(results, indent=2) + "\n")
+        for key, value in results.items():
+            logger.info("  %s = %s", key, value)
+        if args.push_to_hub:
+            repo_id = push_folder_to_hub(args, output_dir)
+            logger.info("Uploaded %s to the Hub repo %s", output_dir, repo_id)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results
+
+
+def describe_hardware(accelerator: Accelerator) -> str:
+    if accelerator.device.type == "cuda":
+        return f"{accelerator.num_processes} x {torch.cuda.get_device_name(accelerator.device)}"
+    return f"{accelerator.num_processes} process(es) on CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,322 @@
+"""End-to-end runs of examples/train_cunet.py through `accelerate launch`, on tiny real data."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = REPO_ROOT / "examples" / "train_cunet.py"
+
+# A tiny continuous U-Net and a short diffusion, so that one run takes seconds on a CPU.
+TINY_ARGS = [
+    "--max_train_samples", "32",
+    "--train_batch_size", "8",
+    "--block_out_channels", "8", "16",
+    "--resolution", "16",
+    "--ddpm_num_steps", "50",
+    "--ddpm_num_inference_steps", "4",
+    "--eval_batch_size", "4",
+    "--lr_warmup_steps", "1",
+    "--checkpointing_steps", "2",
+    "--checkpoints_total_limit", "3",
+]
+
+
+def launch(output_dir: Path, *extra: str, num_processes: int = 1, env: dict | None = None, check: bool = True):
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
+               "--num_machines", "1", "--dynamo_backend", "no"]
+    if num_processes > 1:
+        command += ["--multi_gpu", "--main_process_port", "0"]
+    else:
+        command += ["--mixed_precision", "no"]
+    command += [str(SCRIPT), "--output_dir", str(output_dir), *TINY_ARGS, *extra]
+    run_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    for key, value in (env or {}).items():
+        if value is None:
+            run_env.pop(key, None)
+        else:
+            run_env[key] = value
+    result = subprocess.run(command, capture_output=True, text=True, env=run_env, cwd=REPO_ROOT, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"train_cunet.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def load_script_module():
+    spec = importlib.util.spec_from_file_location("train_cunet", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_cunet"] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def mnist_run(tmp_path_factory):
+    """One default-data run of 4 steps, shared by the checks on its output folder."""
+    output_dir = tmp_path_factory.mktemp("mnist_run") / "out"
+    result = launch(output_dir, "--max_train_steps", "4", "--save_images_steps", "2")
+    return output_dir, result
+
+
+@pytest.fixture(scope="module")
+def rgb_folder(tmp_path_factory):
+    """Sixteen 16x16 crops (and one non-square image) of scikit-image's RGB photos, as PNG files."""
+    from skimage import data as skimage_data
+
+    folder = tmp_path_factory.mktemp("rgb_images")
+    photos = [skimage_data.astronaut(), skimage_data.coffee(), skimage_data.chelsea(), skimage_data.rocket()]
+    count = 0
+    for photo_index, photo in enumerate(photos):
+        for crop_index in range(4):
+            top, left = 40 * crop_index, 50 * crop_index
+            crop = photo[top : top + 16, left : left + 16]
+            Image.fromarray(crop).save(folder / f"photo{photo_index}_{crop_index}.png")
+            count += 1
+    Image.fromarray(photos[0][:24, :40]).save(folder / "wide.png")
+    return folder
+
+
+def test_default_run_writes_pipeline(mnist_run):
+    output_dir, _ = mnist_run
+    model_index = json.loads((output_dir / "model_index.json").read_text())
+    assert model_index["unet"] == ["diffusers_cunet", "ContinuousUNet2DModel"]
+    assert model_index["scheduler"][1] == "DDPMScheduler"
+    assert (output_dir / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (output_dir / "scheduler" / "scheduler_config.json").is_file()
+    assert not list(output_dir.glob("unet/*.bin"))
+
+
+def test_default_run_writes_samples_logs_checkpoints(mnist_run):
+    output_dir, _ = mnist_run
+    assert (output_dir / "samples" / "final.png").is_file()
+    assert (output_dir / "samples" / "step-000002.png").is_file()
+    assert list((output_dir / "logs").rglob("events.out.tfevents.*"))
+    assert sorted(path.name for path in output_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert not list(output_dir.glob(".tmp-*"))
+
+
+def test_default_run_grid_is_grayscale(mnist_run):
+    output_dir, _ = mnist_run
+    grid = Image.open(output_dir / "samples" / "final.png")
+    array = np.asarray(grid.convert("RGB")).astype(int)
+    # A 1-channel model's grid repeats the gray value in R, G and B.
+    assert np.abs(array[..., 0] - array[..., 1]).max() == 0
+
+
+def test_default_run_model_card(mnist_run):
+    output_dir, _ = mnist_run
+    card = (output_dir / "README.md").read_text()
+    metadata = card.split("---")[1]
+    assert "library_name: diffusers" in metadata
+    for tag in ("diffusers", "unconditional-image-generation", "diffusers-cunet", "neural-ode"):
+        assert f"- {tag}" in metadata
+    assert "- mnist" in metadata
+    assert "samples/final.png" in card
+    assert "DDPMPipeline.from_pretrained" in card
+    assert "parameters" in card
+    assert "NFE" in card
+
+
+def test_default_run_reports_figures(mnist_run):
+    output_dir, result = mnist_run
+    results = json.loads((output_dir / "training_results.json").read_text())
+    assert results["global_step"] == 4
+    assert results["nfe_per_denoising_step"] == 2 * 5  # verlet, 1 step: 2 evaluations x 5 dynamic blocks
+    assert 0.0 <= results["digit_confident_share"] <= 1.0
+    assert 0 <= results["digit_num_classes"] <= 10
+    assert "Digit classifier:" in result.stderr
+    assert "Running training" in result.stderr
+
+
+def test_default_run_checkpoint_has_safetensors_ema(mnist_run):
+    output_dir, _ = mnist_run
+    ema_folder = output_dir / "checkpoint-4" / "unet_ema"
+    assert (ema_folder / "diffusion_pytorch_model.safetensors").is_file()
+    config = json.loads((ema_folder / "config.json").read_text())
+    assert config["optimization_step"] == 4
+    assert config["power"] == pytest.approx(2 / 3)
+
+
+def test_pipeline_loads_in_fresh_process(mnist_run):
+    output_dir, _ = mnist_run
+    code = (
+        "import diffusers_cunet, torch\n"
+        "from diffusers import DDPMPipeline, DDIMScheduler\n"
+        f"pipe = DDPMPipeline.from_pretrained({str(output_dir)!r})\n"
+        "pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)\n"
+        "images = pipe(batch_size=2, num_inference_steps=3, output_type='pil', generator=torch.manual_seed(0)).images\n"
+        "print(type(pipe.unet).__name__, images[0].mode, images[0].size)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "ContinuousUNet2DModel L (16, 16)"
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    straight = tmp_path / "straight"
+    interrupted = tmp_path / "interrupted"
+    launch(straight, "--max_train_steps", "6", "--no-evaluate_digits")
+    first = launch(interrupted, "--max_train_steps", "6", "--exit_after_steps", "3", "--no-evaluate_digits")
+    assert "--exit_after_steps" in first.stderr
+    assert (interrupted / "checkpoint-3").is_dir()
+    assert not (interrupted / "model_index.json").exists()
+    launch(interrupted, "--max_train_steps", "6", "--resume_from_checkpoint", "latest", "--no-evaluate_digits")
+
+    # Training weights at the last checkpoint and the exported EMA weights both match.
+    for relative in ("checkpoint-6/model.safetensors", "unet/diffusion_pytorch_model.safetensors",
+                     "checkpoint-6/unet_ema/diffusion_pytorch_model.safetensors"):
+        expected = load_file(straight / relative)
+        actual = load_file(interrupted / relative)
+        for name, tensor in expected.items():
+            torch.testing.assert_close(actual[name], tensor, rtol=0, atol=1e-6, msg=f"{relative}: {name}")
+    straight_ema = json.loads((straight / "checkpoint-6/unet_ema/config.json").read_text())
+    resumed_ema = json.loads((interrupted / "checkpoint-6/unet_ema/config.json").read_text())
+    assert resumed_ema["optimization_step"] == straight_ema["optimization_step"] == 6
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
+    output_dir = tmp_path / "accumulate"
+    launch(output_dir, "--max_train_steps", "2", "--gradient_accumulation_steps", "2", "--no-evaluate_digits")
+    results = json.loads((output_dir / "training_results.json").read_text())
+    assert results["global_step"] == 2
+    assert (output_dir / "checkpoint-2").is_dir()
+
+
+def test_bf16_run_on_cpu(tmp_path):
+    output_dir = tmp_path / "bf16"
+    result = launch(output_dir, "--max_train_steps", "2", "--mixed_precision", "bf16", "--no-evaluate_digits")
+    assert "Mixed precision = bf16" in result.stderr
+    results = json.loads((output_dir / "training_results.json").read_text())
+    assert np.isfinite(results["final_loss"])
+    weights = load_file(output_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(tensor.dtype == torch.float32 for tensor in weights.values())
+
+
+def test_rgb_image_folder_run(tmp_path, rgb_folder):
+    output_dir = tmp_path / "rgb"
+    launch(output_dir, "--train_data_dir", str(rgb_folder), "--max_train_steps", "2", "--random_flip")
+    config = json.loads((output_dir / "unet" / "config.json").read_text())
+    assert config["in_channels"] == 3
+    assert config["out_channels"] == 3
+    results = json.loads((output_dir / "training_results.json").read_text())
+    assert "digit_confident_share" not in results
+    assert Image.open(output_dir / "samples" / "final.png").mode == "RGB"
+
+
+def test_class_conditional_run(tmp_path):
+    output_dir = tmp_path / "conditional"
+    launch(output_dir, "--max_train_steps", "2", "--class_conditional", "--no-evaluate_digits")
+    config = json.loads((output_dir / "unet" / "config.json").read_text())
+    assert config["num_class_embeds"] == 10
+    assert "class_labels=" in (output_dir / "README.md").read_text()
+
+
+def _checksums(log: str) -> dict[int, str]:
+    return {int(rank): value for rank, value in re.findall(r"Rank (\d+) weights checksum (\S+)", log)}
+
+
+def test_two_process_gloo_run(tmp_path):
+    two = tmp_path / "two"
+    one = tmp_path / "one"
+    result = launch(two, "--max_train_steps", "3", "--no-evaluate_digits", num_processes=2)
+    log = result.stderr + result.stdout
+    assert "Num processes = 2" in log
+    results = json.loads((two / "training_results.json").read_text())
+    assert results["num_processes"] == 2
+    assert results["process_group_backend"] == "gloo"
+    checksums = _checksums(log)
+    assert sorted(checksums) == [0, 1]
+    assert checksums[0] == checksums[1]
+
+    single = launch(one, "--max_train_steps", "3", "--no-evaluate_digits")
+    assert _checksums(single.stderr + single.stdout)[0] != checksums[0]
+
+
+def test_push_to_hub_uploads_pipeline(tmp_path, hub_server):
+    output_dir = tmp_path / "push"
+    repo_id = f"{hub_server.username}/cunet-mnist-test"
+    # The token reaches the script only through --hub_token.
+    env = {"HF_ENDPOINT": hub_server.url, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": None}
+    result = launch(output_dir, "--max_train_steps", "2", "--no-evaluate_digits", "--push_to_hub",
+                    "--hub_model_id", repo_id, "--hub_token", hub_server.token, env=env)
+    files = set(hub_server.list_files(repo_id))
+    assert {"model_index.json", "unet/diffusion_pytorch_model.safetensors", "unet/config.json",
+            "scheduler/scheduler_config.json", "README.md", "samples/final.png"} <= files
+    assert not [name for name in files if name.endswith(".bin") or name.startswith("checkpoint-")]
+    assert hub_server.token not in result.stdout + result.stderr
+    for path in output_dir.rglob("*"):
+        if path.is_file() and path.stat().st_size < 2_000_000:
+            assert hub_server.token.encode() not in path.read_bytes(), path
+    commits = hub_server.find_requests("POST", "/commit/")
+    assert commits
+    assert all(request.authorization == f"Bearer {hub_server.token}" for request in commits)
+
+
+def test_sampling_restores_training_weights(tmp_path):
+    train_cunet = load_script_module()
+    args = train_cunet.parse_args(["--output_dir", str(tmp_path / "swap"), *TINY_ARGS, "--max_train_steps", "1", "--logger", "none"])
+    accelerator = train_cunet.create_accelerator(args)
+    state = train_cunet.setup(args, accelerator)
+    model = accelerator.unwrap_model(state.model)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.01)  # make the training weights differ from the EMA shadow weights
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+
+    with_ema = train_cunet.generate_samples(args, state, 2, seed=0)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    state.ema = None
+    without_ema = train_cunet.generate_samples(args, state, 2, seed=0)
+    assert not torch.allclose(with_ema, without_ema)
+
+
+def test_inference_steps_capped_by_ddpm_steps(tmp_path):
+    train_cunet = load_script_module()
+    args = train_cunet.parse_args(["--output_dir", str(tmp_path / "cap"), *TINY_ARGS, "--logger", "none",
+                                   "--ddpm_num_steps", "10", "--ddpm_num_inference_steps", "50", "--sampler", "ddpm"])
+    accelerator = train_cunet.create_accelerator(args)
+    state = train_cunet.setup(args, accelerator)
+    images = train_cunet.generate_samples(args, state, 1, seed=0)
+    assert images.shape == (1, 1, 16, 16)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--dataset_name", "x/y", "--train_data_dir", "."], "not both"),
+        (["--train_data_dir", "/nonexistent/folder"], "/nonexistent/folder"),
+        (["--max_train_steps", "0"], "--max_train_steps=0"),
+        (["--learning_rate", "-1"], "--learning_rate=-1"),
+        (["--ode_rtol", "0"], "--ode_rtol=0"),
+        (["--mixed_precision", "fp16"], "bf16"),
+        (["--model", "unet", "--ode_solver", "rk4"], "--model cunet"),
+        (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps=0"),
+    ],
+)
+def test_bad_arguments_rejected(argv, message):
+    train_cunet = load_script_module()
+    if "fp16" in argv and torch.cuda.is_available():
+        pytest.skip("fp16 is valid on a CUDA machine")
+    with pytest.raises((ValueError, FileNotFoundError)) as error:
+        train_cunet.parse_args(argv)
+    assert message in str(error.value)
+
+
+def test_resume_from_missing_checkpoint_rejected(tmp_path):
+    result = launch(tmp_path / "missing", "--max_train_steps", "2", "--resume_from_checkpoint",
+                    str(tmp_path / "checkpoint-99"), check=False)
+    assert result.returncode != 0
+    assert "checkpoint-99" in result.stderr
