@@ -63,13 +63,13 @@ def mnist_cunet(sample_size=32, in_channels: int = 1, **overrides) -> Continuous
         sample_size=sample_size,
         in_channels=in_channels,
         out_channels=in_channels,
-        block_out_channels=(32, 64, 64),
+        block_out_channels=(16, 32, 64),
         mid_block_channels=None,
         attention_levels=(-1,),
         attention_head_dim=32,
         time_embedding_dim=128,
         norm_num_groups=8,
-        ode_solver="verlet",
+        ode_solver="semi_implicit_euler",
         ode_steps=1,
     )
     config.update(overrides)

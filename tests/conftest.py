@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from hub_server import HubServer, configure_hub_client
 
@@ -17,3 +18,13 @@ def hub_server(tmp_path, monkeypatch):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Run each test on one intra-op thread. The tensors are tiny, and on a busy 2-core machine a second
+    OpenMP thread made a forward pass of a tiny model take 2 s instead of 12 ms."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

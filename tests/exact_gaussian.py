@@ -8,11 +8,14 @@ mean squared error predictions have closed forms:
     E[x0 | x_t]  = mu + sqrt(ab) * s^2 * (x_t - sqrt(ab) * mu) / (ab * s^2 + 1 - ab)
     E[v | x_t]   = sqrt(ab) * E[eps | x_t] - sqrt(1 - ab) * E[x0 | x_t]
 
-A correct sampler driven by these predictions returns samples with mean mu and variance s^2, so a test can check a
-pipeline and scheduler pair statistically with no training.
+Here v = sqrt(ab) * eps - sqrt(1 - ab) * x0, as in diffusers. A correct sampler driven by these predictions returns
+samples with mean mu and variance s^2, up to a discretization error that shrinks as the number of steps grows. A
+test can therefore check a pipeline and scheduler pair statistically with no training.
 
 Import it as `from exact_gaussian import ExactGaussianDenoiser`. Pytest puts `tests/` on `sys.path` because the
 folder has no `__init__.py`, and `save_pretrained` records the module name `exact_gaussian` for loading.
+NOTE: adding `tests/__init__.py` changes that module name to `tests.exact_gaussian`, and saved pipelines then record
+it under that name.
 """
 
 import math
@@ -33,7 +36,8 @@ class ExactGaussianDenoiser(ModelMixin, ConfigMixin):
 
     The data mean of pixel `(c, h, w)` is `data_mean[c] + mean_pattern_amplitude * cos(2 pi h / H) * cos(2 pi w / W)`,
     plus `class_mean_offsets[k]` for class `k` of a class-conditional model. The data standard deviation is
-    `data_std[c]`. [`~ExactGaussianDenoiser.mean_tensor`] and [`~ExactGaussianDenoiser.std_tensor`] return them as tensors.
+    `data_std[c]`. [`~ExactGaussianDenoiser.mean_tensor`] and [`~ExactGaussianDenoiser.std_tensor`] return them as
+    tensors.
 
     Parameters:
         sample_size (`int` or `tuple[int, int]`, defaults to 16):
@@ -100,13 +104,16 @@ class ExactGaussianDenoiser(ModelMixin, ConfigMixin):
             raise ValueError("`class_mean_offsets` needs `num_class_embeds`. Set both or neither.")
 
         height, width = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
-        self.register_buffer("base_mean", self._build_mean(data_mean, mean_pattern_amplitude, in_channels, height, width))
+        base_mean = self._build_mean(data_mean, mean_pattern_amplitude, in_channels, height, width)
+        self.register_buffer("base_mean", base_mean)
         self.register_buffer("std", self._per_channel(data_std, in_channels, "data_std").view(-1, 1, 1))
         offsets = class_mean_offsets if class_mean_offsets is not None else [0.0] * (num_class_embeds or 0)
         self.register_buffer("class_offsets", torch.tensor(offsets, dtype=torch.float32))
 
-        # Schedulers that work in sigma space (Euler, Heun, LMS) pass fractional timesteps and interpolate
-        # sigma = sqrt((1 - ab) / ab) linearly in t, so the same interpolation here gives them the exact ab.
+        # Schedulers that work in sigma space (Euler, Heun, LMS) pass fractional timesteps and, with their default
+        # `interpolation_type="linear"`, interpolate sigma = sqrt((1 - ab) / ab) linearly in t. The same
+        # interpolation here gives them the exact ab. Karras sigmas map back to t through log-sigma, so with
+        # `use_karras_sigmas=True` the ab here is only close.
         alphas_cumprod = DDPMScheduler(
             num_train_timesteps=num_train_timesteps,
             beta_start=beta_start,
@@ -174,7 +181,7 @@ class ExactGaussianDenoiser(ModelMixin, ConfigMixin):
 
     def alphas_cumprod_at(self, timestep: torch.Tensor | float | int) -> torch.Tensor:
         r"""
-        Returns `alphas_cumprod` at `timestep`, interpolating sigma linearly for fractional timesteps.
+        Computes `alphas_cumprod` at `timestep`, interpolating sigma linearly for fractional timesteps.
 
         Timesteps outside `[0, num_train_timesteps - 1]` are clamped to that range.
         """
@@ -195,7 +202,7 @@ class ExactGaussianDenoiser(ModelMixin, ConfigMixin):
         return_dict: bool = True,
     ) -> UNet2DOutput | tuple:
         r"""
-        Returns the exact prediction of type `config.prediction_type` for the noisy `sample` at `timestep`.
+        Computes the exact prediction of type `config.prediction_type` for the noisy `sample` at `timestep`.
 
         Args:
             sample (`torch.Tensor`):
@@ -208,9 +215,12 @@ class ExactGaussianDenoiser(ModelMixin, ConfigMixin):
                 Whether to return a [`~diffusers.models.unets.unet_2d.UNet2DOutput`] instead of a tuple.
         """
         if self.config.num_class_embeds is not None and class_labels is None:
-            raise ValueError("`class_labels` is required because `num_class_embeds` is set.")
+            raise ValueError("`class_labels` is missing, but `num_class_embeds` is set. Pass one label per image.")
         if self.config.num_class_embeds is None and class_labels is not None:
-            raise ValueError("`class_labels` was given, but the model is unconditional (`num_class_embeds` is None).")
+            raise ValueError(
+                "`class_labels` was given, but the model is unconditional (`num_class_embeds` is None)."
+                " Remove `class_labels` or set `num_class_embeds`."
+            )
 
         # float64 keeps rounding error far below the sampling error that the tests measure
         x_t = sample.double()

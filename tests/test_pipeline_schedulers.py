@@ -2,9 +2,9 @@
 
 The statistical tests replace the network with `ExactGaussianDenoiser`, the closed-form denoiser for per-pixel
 Gaussian data. A correctly driven sampler then returns samples with the data mean and variance, up to its own
-discretization error and sampling noise. Every pixel evolves independently (the denoiser and the scheduler steps act
-elementwise and the noise is i.i.d.), so the N sampled values are independent and the tolerances follow from the
-standard errors 1 / sqrt(N) of the standardized mean and sqrt(2 / N) of the standardized variance.
+discretization error and sampling noise. The denoiser and the scheduler steps act elementwise on i.i.d. noise, so
+the N sampled values are independent. The tolerances therefore follow from the standard errors 1 / sqrt(N) of the
+standardized mean and sqrt(2 / N) of the standardized variance.
 """
 
 import io
@@ -40,7 +40,7 @@ from exact_gaussian import ExactGaussianDenoiser
 from diffusers_cunet.pipelines import ContinuousUNetPipeline
 
 
-# KDPM2 schedulers pass torch tensors through numpy functions, which numpy 2 reports on every step.
+# KDPM2 schedulers pass torch tensors through numpy functions, and numpy 2 warns about that on every step.
 pytestmark = [
     pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning"),
     pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"),
@@ -62,8 +62,8 @@ GAUSSIAN_DATA = {
 }
 
 # 24 images of 3 x 16 x 16 give N = 18432 values: standard error 0.0074 for the standardized mean and 0.0104 for the
-# standardized variance. Each tolerance is at least 5 standard errors wider than the discretization error measured
-# at the step counts of SCHEDULER_CASES (at most 4 %, seeds 0 and 1), so a correct sampler passes for any seed.
+# standardized variance. At the step counts of SCHEDULER_CASES the measured variance error is at most about 4 %
+# (seeds 0 and 1), which leaves at least 5 standard errors to each tolerance, so a correct sampler passes for any seed.
 BATCH_SIZE = 24
 MEAN_TOLERANCE = 0.05  # in units of the data standard deviation
 VARIANCE_TOLERANCE = 0.10  # relative
@@ -74,10 +74,10 @@ ALL_PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 NO_SAMPLE_PREDICTION = ("epsilon", "v_prediction")
 
 # Step counts keep each scheduler's own discretization error small on this data. First-order samplers lose
-# variance at every large step, mostly in the last steps where the noise is comparable to the data variance, so
-# they need hundreds of steps: DDIM with eta=0 and Euler return about 0.90 of the variance at 50 steps, and
-# DDIM with eta=1 and Euler ancestral about 0.79. DPM-Solver++ and UniPC at 20 linspace steps stop at t=50 and
-# return E[x0 | x_50], which has about 0.91 of the variance.
+# variance at every large step, mostly in the last steps where the noise is comparable to the data variance.
+# They need hundreds of steps: at 50 steps DDIM with eta=0 and Euler return about 0.90 of the variance, and DDIM
+# with eta=1 and Euler ancestral about 0.79. DPM-Solver++ and UniPC at 20 linspace steps stop at t=50 and return
+# E[x0 | x_50], which has about 0.91 of the variance.
 SCHEDULER_CASES = [
     ("ddpm", DDPMScheduler, 1000, {}, ALL_PREDICTION_TYPES),
     ("ddim-eta0", DDIMScheduler, 200, {"eta": 0.0}, ALL_PREDICTION_TYPES),
@@ -300,7 +300,7 @@ def test_eta_warns_for_scheduler_without_eta(caplog):
     assert "`eta=0.5` is ignored" in caplog.text
 
 
-def test_model_receives_scaled_input_and_fractional_timesteps():
+def test_euler_model_input_and_timesteps():
     scheduler = make_scheduler(EulerDiscreteScheduler)
     unet = RecordingGaussianDenoiser.from_scheduler(scheduler)
     pipe = make_pipeline(unet, scheduler)
@@ -355,10 +355,14 @@ UNCONDITIONAL_ERRORS = [
     pytest.param({"batch_size": True}, "`batch_size` has to be a positive integer", id="batch-size-bool"),
     pytest.param({"num_inference_steps": 0}, "`num_inference_steps` has to be a positive integer", id="steps-0"),
     pytest.param({"num_inference_steps": 2.5}, "`num_inference_steps` has to be a positive integer", id="steps-float"),
-    pytest.param({"num_inference_steps": 1001}, r"larger than the scheduler's `num_train_timesteps` \(1000\)", id="steps-1001"),
+    pytest.param(
+        {"num_inference_steps": 1001}, r"larger than the scheduler's `num_train_timesteps` \(1000\)", id="steps-1001"
+    ),
     pytest.param({"output_type": "latent"}, "`output_type` has to be one of", id="output-type"),
     pytest.param(
-        {"batch_size": 2, "generator": [torch.Generator()]}, "list of generators of length 1", id="generator-list"
+        {"batch_size": 2, "generator": [torch.Generator()]},
+        "list of 1 generators, but `batch_size` is 2",
+        id="generator-list",
     ),
     pytest.param({"class_labels": 0}, "`unet` is unconditional", id="labels-unconditional"),
     pytest.param(
@@ -371,9 +375,13 @@ UNCONDITIONAL_ERRORS = [
 CONDITIONAL_ERRORS = [
     pytest.param({}, "`class_labels` is None", id="labels-missing"),
     pytest.param({"class_labels": [0, 1, 2]}, "has 3 labels .* but `batch_size` is 2", id="labels-length"),
-    pytest.param({"class_labels": [0, 4]}, r"contains \[4\], which is outside the valid range \[0, 3\]", id="labels-high"),
+    pytest.param(
+        {"class_labels": [0, 4]}, r"contains \[4\], which is outside the valid range \[0, 3\]", id="labels-high"
+    ),
     pytest.param({"class_labels": -1}, r"contains \[-1, -1\]", id="labels-negative"),
-    pytest.param({"class_labels": torch.tensor([0.0, 1.0])}, "integer tensor, but has dtype torch.float32", id="labels-float"),
+    pytest.param(
+        {"class_labels": torch.tensor([0.0, 1.0])}, "integer tensor, but has dtype torch.float32", id="labels-float"
+    ),
     pytest.param({"class_labels": [0, 1.5]}, "has to contain integers", id="labels-list-float"),
     pytest.param({"class_labels": "cat"}, "has to be an int, a list of ints or an integer tensor", id="labels-str"),
 ]
@@ -400,6 +408,17 @@ def test_invalid_class_labels_raise_before_denoising(call_kwargs, message):
 
     with pytest.raises(ValueError, match=message):
         pipe(batch_size=2, num_inference_steps=2, **call_kwargs)
+
+    assert unet.calls == []
+
+
+def test_pndm_too_few_steps_names_scheduler():
+    scheduler = make_scheduler(PNDMScheduler)
+    unet = RecordingGaussianDenoiser.from_scheduler(scheduler)
+    pipe = make_pipeline(unet, scheduler)
+
+    with pytest.raises(ValueError, match="PNDMScheduler.set_timesteps failed for `num_inference_steps`=3"):
+        pipe(num_inference_steps=3, output_type="np")
 
     assert unet.calls == []
 
@@ -518,7 +537,7 @@ def test_save_load_round_trip(tmp_path):
     np.testing.assert_array_equal(images, expected)
 
 
-def test_generic_loader_does_not_know_pipeline(tmp_path):
+def test_generic_loader_raises_attribute_error(tmp_path):
     """`DiffusionPipeline.from_pretrained` resolves `_class_name` in the diffusers package only (diffusers 0.42)."""
     scheduler = make_scheduler(DDIMScheduler)
     make_pipeline(ExactGaussianDenoiser.from_scheduler(scheduler), scheduler).save_pretrained(tmp_path)

@@ -7,8 +7,6 @@ import numpy as np
 
 
 EMBEDDED_MNIST_PATH = Path(__file__).resolve().parent / "mnist_5000.npz"
-EMBEDDED_MNIST_NUM_IMAGES = 5000
-EMBEDDED_MNIST_IMAGE_SIZE = 28
 MNIST_CLASS_NAMES = [str(digit) for digit in range(10)]
 
 
@@ -55,8 +53,8 @@ def load_embedded_mnist() -> datasets.Dataset:
             "label": datasets.ClassLabel(names=MNIST_CLASS_NAMES),
         }
     )
-    # `datasets.Image` encodes each 2-D uint8 array as a PNG in memory, which keeps the result identical to an
-    # image dataset loaded from the Hub: rows decode to PIL images.
+    # `datasets.Image` encodes each 2-D uint8 array as a lossless PNG in memory, so rows decode to PIL images, as
+    # in an image dataset loaded from the Hub.
     return datasets.Dataset.from_dict(
         {"image": list(images), "label": labels.astype(np.int64)},
         features=features,

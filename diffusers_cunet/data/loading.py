@@ -170,9 +170,9 @@ def detect_label_column(dataset: AnyDataset, label_column: Optional[str] = None)
             A column name chosen by the user. It is checked to exist and to contain integer labels.
 
     Returns:
-        `str` or `None`: The one column of feature type `datasets.ClassLabel` (the one named `label` or `labels`
-        when several have that type), else an integer column named `label`, `labels`, `class`, `class_label` or
-        `target`, else `None`: the dataset has no labels and only unconditional training is possible.
+        `str` or `None`: The one column of feature type `datasets.ClassLabel`, or the one named `label` or `labels`
+        when several have that type. Without a `ClassLabel` column, an integer column named `label`, `labels`,
+        `class`, `class_label` or `target`. `None` when there is none, so only unconditional training is possible.
 
     Raises:
         `ValueError`: If `label_column` is not a column or does not contain integers, or if several `ClassLabel`

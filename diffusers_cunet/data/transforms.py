@@ -102,8 +102,8 @@ def _to_8_bit(image: Image.Image, alpha_background: int) -> Image.Image:
 
 def _rescale_16_bit(image: Image.Image) -> Image.Image:
     values = np.asarray(image).astype(np.int64)
-    # NOTE: mode "I" is 32-bit and carries no bit depth, so it is read as 16-bit data because that is what Pillow
-    # returns for 16-bit PNG and PGM files in some versions. An "I" image holding 8-bit values would come out dark.
+    # NOTE: mode "I" is 32-bit and carries no bit depth. It is read as 16-bit data because Pillow (13.0) opens PGM
+    # files with a maxval above 255 as "I", scaled to 0-65535. An "I" image holding 8-bit values would come out dark.
     if values.size and (values.min() < 0 or values.max() > 65535):
         raise ValueError(
             f"A {image.mode!r} image has values in [{values.min()}, {values.max()}], outside the 16-bit range "
@@ -131,7 +131,7 @@ def _rescale_float(image: Image.Image) -> Image.Image:
 
 
 def _composite_on_background(image: Image.Image, alpha_background: int) -> Image.Image:
-    # Gray sources stay gray so a 1-channel model sees the exact gray values. Palette colours may be anything.
+    # Gray sources stay gray, so a 1-channel model gets the exact gray values. Palette colours may be anything.
     if image.mode in ("L", "LA", "La"):
         with_alpha = image.convert("LA")
         output_mode = "L"

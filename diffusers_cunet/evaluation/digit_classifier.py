@@ -1,7 +1,6 @@
 """A small MNIST digit classifier that judges generated digit samples offline."""
 
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -16,15 +15,13 @@ from safetensors.torch import load_file, safe_open, save_file
 from ..data import convert_image, load_embedded_mnist_arrays
 
 
-logger = logging.getLogger(__name__)
-
 DIGIT_CLASSIFIER_WEIGHTS_PATH = Path(__file__).resolve().parent / "digit_classifier.safetensors"
 NUM_DIGITS = 10
 # Index of the extra "not a digit" class. It is trained on noise, blobs, scribbles and overlaid digit pairs so
 # that garbage samples land there instead of on a confident digit.
 REJECT_CLASS = 10
 CLASSIFIER_IMAGE_SIZE = 28
-# The package pads 28x28 MNIST digits to 32x32 (see `diffusers_cunet.data.ResizeOrPad`); cropping undoes that.
+# The package pads 28x28 MNIST digits to 32x32 (see `diffusers_cunet.data.ResizeOrPad`), so a centre crop undoes it.
 PADDED_IMAGE_SIZE = 32
 
 ImageInput = Union[torch.Tensor, np.ndarray, Sequence[Union[Image.Image, torch.Tensor]]]
@@ -76,7 +73,7 @@ class DigitClassifier(nn.Module):
 
         first, second, third = block_out_channels
         self.features = nn.Sequential(
-            # 28x28 -> 14x14. One convolution at full resolution, because it dominates the CPU training time.
+            # 28x28 -> 14x14. Only one convolution at full resolution, because convolutions there dominate CPU training time.
             _conv_bn_relu(1, first),
             nn.MaxPool2d(2),
             # 14x14 -> 7x7
@@ -189,7 +186,7 @@ def read_digit_classifier_metadata(path: Union[str, os.PathLike] = DIGIT_CLASSIF
     Read the header metadata of a classifier weights file (architecture, training split, measured accuracy).
 
     Args:
-        path (`str` or `os.PathLike`, *optional*): Weights file; defaults to the shipped one.
+        path (`str` or `os.PathLike`, *optional*): Weights file. Defaults to the shipped one.
 
     Returns:
         `dict[str, str]`: The metadata entries.
@@ -274,8 +271,8 @@ def images_to_tensor(images: ImageInput) -> torch.Tensor:
     Args:
         images:
             One of:
-            - a `torch.Tensor` of shape `(N, C, H, W)` in [-1, 1], as a pipeline with `output_type="pt"` before
-              rescaling, or as the model's training inputs;
+            - a `torch.Tensor` of shape `(N, C, H, W)` in [-1, 1], the range of the training inputs and of the
+              denoising loop's samples before a pipeline rescales them;
             - a `np.ndarray` of shape `(N, H, W, C)` in [0, 1], the diffusers `output_type="np"` layout;
             - a list of PIL images (any mode; converted to `"L"`) or of `(C, H, W)` tensors in [-1, 1].
             RGB inputs (`C == 3`) are converted to gray with ITU-R 601-2 luma weights.
@@ -294,11 +291,11 @@ def images_to_tensor(images: ImageInput) -> torch.Tensor:
         tensor = images.detach().float().cpu()
     elif isinstance(images, (list, tuple)):
         if len(images) == 0:
-            raise ValueError("images is empty; pass at least one image.")
+            raise ValueError("images is empty. Pass at least one image.")
         tensor = torch.stack([_single_image_to_tensor(image) for image in images])
     else:
         raise TypeError(
-            f"images has type {type(images).__name__}; pass a tensor (N, C, H, W) in [-1, 1], a NumPy array "
+            f"images has type {type(images).__name__}. Pass a tensor (N, C, H, W) in [-1, 1], a NumPy array "
             "(N, H, W, C) in [0, 1], or a list of PIL images."
         )
 
@@ -311,7 +308,7 @@ def images_to_tensor(images: ImageInput) -> torch.Tensor:
         luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
         tensor = (tensor * luma).sum(dim=1, keepdim=True)
 
-    # Samples straight from a model overshoot [-1, 1] slightly; values far outside mean another scale.
+    # Samples straight from a model overshoot [-1, 1] slightly, while values far outside it mean another scale.
     low, high = tensor.min().item(), tensor.max().item()
     if low < -1.5 or high > 1.5:
         raise ValueError(

@@ -132,11 +132,10 @@ class DynamicBlock(nn.Module):
 
         adjoint_params = ()
         if settings.adjoint:
-            # The adjoint recomputes the field backwards in s; every tensor it reads that needs a
-            # gradient must be listed, including the FiLM tensors computed outside the solve. The
-            # FiLM layer's own parameters are left out: torchdiffeq differentiates the field through
-            # `scale` and `shift` back to them, and the gradient of `scale` and `shift` reaches them
-            # again through autograd, so listing them would count their gradient twice.
+            # The adjoint recomputes the field backwards in s, so it needs every tensor the field reads
+            # that requires a gradient, including the FiLM scale and shift computed outside the solve.
+            # The FiLM layer's own parameters are left out, because autograd already reaches them
+            # through scale and shift. Listing them too would double their gradient.
             film_parameters = set(self.acceleration.film.parameters())
             adjoint_params = tuple(
                 parameter for parameter in self.acceleration.parameters() if parameter not in film_parameters

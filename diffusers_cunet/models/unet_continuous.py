@@ -93,6 +93,11 @@ class ContinuousUNet2DModel(ModelMixin, ConfigMixin):
         ode_check_finite (`bool`, *optional*, defaults to `True`): Raise `NonFiniteStateError` naming
             the block when the output holds NaN or inf. Costs one reduction and one host
             synchronisation per forward; skipped under `torch.compile`.
+        ode_step_schedule (`List[List[float]]`, *optional*): Fixed-step ODE steps as a function of the
+            diffusion timestep, as `[[min_timestep, steps], ...]`: a forward at timestep t uses the
+            steps of the largest `min_timestep <= t` (and `ode_steps` below all of them). For example
+            `[[0, 1], [500, 2]]` spends two steps per block at high noise and one near the data. Set it
+            with `set_ode_step_schedule`.
         use_attention (`bool`, *optional*, defaults to `True`): Ablation switch for self-attention.
         use_residual (`bool`, *optional*, defaults to `True`): Ablation switch for the residual path
             of the acceleration field.
@@ -125,6 +130,7 @@ class ContinuousUNet2DModel(ModelMixin, ConfigMixin):
         ode_adjoint: bool = False,
         ode_backend: str = "auto",
         ode_check_finite: bool = True,
+        ode_step_schedule: list[list[float]] | None = None,
         use_attention: bool = True,
         use_residual: bool = True,
         num_class_embeds: int | None = None,
@@ -142,6 +148,7 @@ class ContinuousUNet2DModel(ModelMixin, ConfigMixin):
             solver=ode_solver, steps=ode_steps, rtol=ode_rtol, atol=ode_atol,
             max_steps=ode_max_steps, adjoint=ode_adjoint, backend=ode_backend,
         )
+        self.step_schedule = self._validate_step_schedule(ode_step_schedule)
         self.gradient_checkpointing = False
         block_kwargs = dict(
             embedding_dim=time_embedding_dim, norm_num_groups=norm_num_groups,
@@ -300,11 +307,58 @@ class ContinuousUNet2DModel(ModelMixin, ConfigMixin):
         )
         self.solver_settings = settings
         self._assign_solver_settings()
+        # The last count describes the old settings; until the next eager forward pass (and under
+        # `torch.compile`, which does not record counts) `nfe` derives the count from the new ones.
+        self._last_nfe = None
         self.register_to_config(
             ode_solver=settings.solver, ode_steps=settings.steps, ode_rtol=settings.rtol,
             ode_atol=settings.atol, ode_max_steps=settings.max_steps, ode_adjoint=settings.adjoint,
             ode_backend=settings.backend,
         )
+
+    @staticmethod
+    def _validate_step_schedule(schedule) -> list[tuple[float, int]] | None:
+        if schedule is None:
+            return None
+        parsed = []
+        for entry in schedule:
+            if not isinstance(entry, (list, tuple)) or len(entry) != 2:
+                raise ValueError(
+                    f"ode_step_schedule entry {entry!r} is invalid; use [min_timestep, steps] pairs such as [[0, 1], [500, 2]]."
+                )
+            min_timestep, steps = entry
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+                raise ValueError(f"ode_step_schedule entry {entry!r} has steps={steps!r}; steps must be an int >= 1.")
+            if isinstance(min_timestep, bool) or not isinstance(min_timestep, (int, float)):
+                raise ValueError(f"ode_step_schedule entry {entry!r} has a non-numeric min_timestep.")
+            parsed.append((float(min_timestep), steps))
+        return sorted(parsed)
+
+    def set_ode_step_schedule(self, schedule: list[list[float]] | None) -> None:
+        """Make the fixed-step ODE step count depend on the diffusion timestep (`None` switches it off).
+
+        The schedule is stored in the config, so a saved pipeline keeps it. Reading the timestep costs
+        one host synchronisation per forward on a GPU.
+        """
+        if schedule is not None and self.solver_settings.is_adaptive:
+            raise ValueError(
+                f"ode_step_schedule needs a fixed-step solver, but ode_solver={self.solver_settings.solver!r}; "
+                "call set_ode_solver with a fixed-step solver first."
+            )
+        parsed = self._validate_step_schedule(schedule)
+        self.step_schedule = parsed
+        self.register_to_config(ode_step_schedule=None if parsed is None else [[t, n] for t, n in parsed])
+
+    def _scheduled_steps(self, timesteps: torch.Tensor) -> int | None:
+        if self.step_schedule is None:
+            return None
+        # The batch's noisiest sample decides, so no sample gets fewer steps than its timestep asks for.
+        largest = float(timesteps.max())
+        steps = None
+        for min_timestep, scheduled in self.step_schedule:
+            if largest >= min_timestep:
+                steps = scheduled
+        return steps
 
     @property
     def nfe(self) -> NFEStats:
@@ -367,12 +421,13 @@ class ContinuousUNet2DModel(ModelMixin, ConfigMixin):
         return emb
 
     def _run_block(
-        self, block: DynamicBlock, hidden_states: torch.Tensor, emb: torch.Tensor, block_outputs: list | None
+        self, block: DynamicBlock, hidden_states: torch.Tensor, emb: torch.Tensor, block_outputs: list | None,
+        steps: int | None = None,
     ) -> torch.Tensor:
         if torch.is_grad_enabled() and self.gradient_checkpointing:
-            output = self._gradient_checkpointing_func(block, hidden_states, emb)
+            output = self._gradient_checkpointing_func(block, hidden_states, emb, steps)
         else:
-            output = block(hidden_states, emb)
+            output = block(hidden_states, emb, steps)
         if block_outputs is not None:
             block_outputs.append((block.name, output))
         return output
@@ -413,6 +468,7 @@ class ContinuousUNet2DModel(ModelMixin, ConfigMixin):
                 f"(bottleneck {bottleneck[0]}x{bottleneck[1]}, needs at least 2x2)."
             )
         timesteps = self._prepare_timesteps(timestep, sample.shape[0], sample.device)
+        steps = self._scheduled_steps(timesteps)
         # Block outputs are kept only to name the failing block if the output is not finite.
         block_outputs = [] if self.config.ode_check_finite and not torch.compiler.is_compiling() else None
 
@@ -425,7 +481,7 @@ class ContinuousUNet2DModel(ModelMixin, ConfigMixin):
         # 3. Encoder
         skips = []
         for block, attention, transition in zip(self.down_blocks, self.down_attentions, self.down_transitions):
-            hidden_states = attention(self._run_block(block, hidden_states, emb, block_outputs))
+            hidden_states = attention(self._run_block(block, hidden_states, emb, block_outputs, steps))
             skips.append(hidden_states)
             hidden_states = transition(hidden_states)
             height, width = hidden_states.shape[-2:]
@@ -434,14 +490,14 @@ class ContinuousUNet2DModel(ModelMixin, ConfigMixin):
             )
 
         # 4. Bottleneck
-        hidden_states = self._run_block(self.mid_block, hidden_states, emb, block_outputs)
+        hidden_states = self._run_block(self.mid_block, hidden_states, emb, block_outputs, steps)
 
         # 5. Decoder
         for transition, block, attention in zip(self.up_transitions, self.up_blocks, self.up_attentions):
             skip = skips.pop()
             hidden_states = F.interpolate(hidden_states, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             hidden_states = transition(torch.cat((hidden_states, skip), dim=1))
-            hidden_states = attention(self._run_block(block, hidden_states, emb, block_outputs))
+            hidden_states = attention(self._run_block(block, hidden_states, emb, block_outputs, steps))
 
         # 6. Head
         output = self.conv_out(self.conv_act(self.conv_norm_out(hidden_states)))

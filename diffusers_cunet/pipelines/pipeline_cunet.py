@@ -21,19 +21,11 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils import is_torch_xla_available, logging
+from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
 
-if is_torch_xla_available():
-    import torch_xla.core.xla_model as xm
-
-    XLA_AVAILABLE = True
-else:
-    XLA_AVAILABLE = False
-
-
-logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
+logger = logging.get_logger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 
@@ -51,13 +43,12 @@ class ContinuousUNetPipeline(DiffusionPipeline):
     [`~diffusers.HeunDiscreteScheduler`] and [`~diffusers.LMSDiscreteScheduler`] therefore sample correctly, and
     [`~diffusers.PNDMScheduler`] and [`~diffusers.UniPCMultistepScheduler`] run instead of raising a `TypeError`.
 
-    This model inherits from [`~diffusers.DiffusionPipeline`]. Check the superclass documentation for the generic
-    methods implemented for all pipelines (downloading, saving, running on a particular device, etc.).
-
-    Load a saved pipeline with `ContinuousUNetPipeline.from_pretrained(path)`. `DiffusionPipeline.from_pretrained(path)`
-    raises an `AttributeError` (diffusers 0.42), because it looks up the `_class_name` of `model_index.json` in the
-    `diffusers` package, which does not contain this class. It loads with `custom_pipeline` set to the path of this
-    file and `trust_remote_code=True`, which copies the file into the Hugging Face modules cache.
+    Saving, loading, device placement and the other generic methods come from [`~diffusers.DiffusionPipeline`].
+    Load a saved pipeline with `ContinuousUNetPipeline.from_pretrained(path)`.
+    `DiffusionPipeline.from_pretrained(path)` raises an `AttributeError` (diffusers 0.42), because it looks up the
+    `_class_name` of `model_index.json` in the `diffusers` package, which does not contain this class. It loads with
+    `custom_pipeline` set to the path of this file and `trust_remote_code=True`, which copies the file into the
+    Hugging Face modules cache.
 
     Parameters:
         unet ([`~diffusers.ModelMixin`]):
@@ -66,11 +57,12 @@ class ContinuousUNetPipeline(DiffusionPipeline):
             `sample` attribute, and its config has `sample_size`, `in_channels` and, for class-conditional models,
             `num_class_embeds`.
         scheduler ([`~diffusers.SchedulerMixin`]):
-            A scheduler to be used in combination with `unet` to denoise the image, for example [`~diffusers.DDPMScheduler`],
-            [`~diffusers.DDIMScheduler`], [`~diffusers.DPMSolverMultistepScheduler`],
-            [`~diffusers.UniPCMultistepScheduler`], [`~diffusers.PNDMScheduler`], [`~diffusers.EulerDiscreteScheduler`],
-            [`~diffusers.EulerAncestralDiscreteScheduler`] or [`~diffusers.HeunDiscreteScheduler`]. Its
-            `prediction_type` must match what `unet` predicts (`"epsilon"`, `"sample"` or `"v_prediction"`).
+            The scheduler that turns the predictions of `unet` into denoising steps, for example
+            [`~diffusers.DDPMScheduler`], [`~diffusers.DDIMScheduler`], [`~diffusers.DPMSolverMultistepScheduler`],
+            [`~diffusers.UniPCMultistepScheduler`], [`~diffusers.PNDMScheduler`],
+            [`~diffusers.EulerDiscreteScheduler`], [`~diffusers.EulerAncestralDiscreteScheduler`] or
+            [`~diffusers.HeunDiscreteScheduler`]. Its `prediction_type` must match what `unet` predicts
+            (`"epsilon"`, `"sample"` or `"v_prediction"`).
     """
 
     model_cpu_offload_seq = "unet"
@@ -100,16 +92,19 @@ class ContinuousUNetPipeline(DiffusionPipeline):
         r"""
         Validates the arguments of `__call__` so that a mistake raises before any denoising step runs.
 
+        `prepare_class_labels` checks the values of `class_labels`. This method checks only that they are given
+        exactly when `unet` is class-conditional.
+
         Raises:
             `ValueError`: If an argument has an invalid value or does not match `unet` or `scheduler`.
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-            raise ValueError(f"`batch_size` has to be a positive integer, but is {batch_size!r}.")
+            raise ValueError(f"`batch_size` has to be a positive integer, but is {batch_size!r}. Pass an int >= 1.")
 
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(
-                f"You have passed a list of generators of length {len(generator)}, but requested a batch size of"
-                f" {batch_size}. Pass one generator per image or a single generator."
+                f"`generator` is a list of {len(generator)} generators, but `batch_size` is {batch_size}."
+                " Pass one generator per image or a single generator."
             )
 
         if (
@@ -117,10 +112,14 @@ class ContinuousUNetPipeline(DiffusionPipeline):
             or not isinstance(num_inference_steps, numbers.Integral)
             or num_inference_steps < 1
         ):
-            raise ValueError(f"`num_inference_steps` has to be a positive integer, but is {num_inference_steps!r}.")
+            raise ValueError(
+                f"`num_inference_steps` has to be a positive integer, but is {num_inference_steps!r}."
+                " Pass an int >= 1."
+            )
 
-        # DDPMScheduler and the other discrete-time schedulers raise in `set_timesteps` when asked for more steps
-        # than they were trained with. Checking here gives the same limit for every scheduler.
+        # DDPMScheduler and DDIMScheduler raise in `set_timesteps` for more steps than `num_train_timesteps`, while
+        # DPMSolverMultistepScheduler, PNDMScheduler and the Euler family accept them (diffusers 0.42). One limit
+        # for all schedulers keeps swapping schedulers from changing which calls are valid.
         num_train_timesteps = getattr(self.scheduler.config, "num_train_timesteps", None)
         if num_train_timesteps is not None and num_inference_steps > num_train_timesteps:
             raise ValueError(
@@ -149,19 +148,18 @@ class ContinuousUNetPipeline(DiffusionPipeline):
                 " (`unet.config.num_class_embeds` is None). Remove `class_labels`."
             )
 
-        if callback_on_step_end_tensor_inputs is not None and not all(
-            k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
-        ):
-            raise ValueError(
-                f"`callback_on_step_end_tensor_inputs` has to be in {self._callback_tensor_inputs}, but found"
-                f" {[k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]}."
-            )
+        if callback_on_step_end_tensor_inputs is not None:
+            unknown = [name for name in callback_on_step_end_tensor_inputs if name not in self._callback_tensor_inputs]
+            if unknown:
+                raise ValueError(
+                    f"`callback_on_step_end_tensor_inputs` has to be in {self._callback_tensor_inputs}, but contains"
+                    f" {unknown}. Remove those names."
+                )
 
         if eta is not None and not 0.0 <= eta <= 1.0:
             logger.warning(
-                f"`eta` should be between 0 and 1 (inclusive), but received {eta}. "
-                "A value of 0 corresponds to DDIM and 1 corresponds to DDPM. "
-                "Unexpected results may occur for values outside this range."
+                f"`eta` is {eta}, outside [0, 1]. eta=0 gives deterministic DDIM sampling and eta=1 adds as much"
+                " noise per step as DDPM. Other values are outside the range that DDIM was defined for."
             )
 
     def prepare_class_labels(
@@ -244,11 +242,10 @@ class ContinuousUNetPipeline(DiffusionPipeline):
             height, width = sample_size
         shape = (batch_size, self.unet.config.in_channels, height, width)
 
-        if device.type == "mps":
-            # randn does not work reproducibly on mps
-            latents = randn_tensor(shape, generator=generator, dtype=self.unet.dtype).to(device)
-        else:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+        # DDPMPipeline (diffusers 0.42) draws the noise on the CPU for MPS devices because seeded randn on MPS is
+        # not reproducible. This pipeline does the same.
+        noise_device = torch.device("cpu") if device.type == "mps" else device
+        latents = randn_tensor(shape, generator=generator, device=noise_device, dtype=self.unet.dtype).to(device)
 
         return latents * self.scheduler.init_noise_sigma
 
@@ -297,41 +294,41 @@ class ContinuousUNetPipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
     ) -> ImagePipelineOutput | tuple:
         r"""
-        The call function to the pipeline for generation.
+        Generates images by denoising Gaussian noise with `unet` and `scheduler`.
 
         Args:
             batch_size (`int`, *optional*, defaults to 1):
-                The number of images to generate.
+                Number of images to generate.
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
-                A [`torch.Generator`](https://pytorch.org/docs/stable/generated/torch.Generator.html) to make
-                generation deterministic, or a list with one generator per image. It seeds the initial noise and the
-                noise of stochastic schedulers.
+                A [`torch.Generator`](https://pytorch.org/docs/stable/generated/torch.Generator.html), or a list with
+                one generator per image, that seeds the initial noise and the noise of stochastic schedulers.
             num_inference_steps (`int`, *optional*, defaults to 50):
-                The number of denoising steps, between 1 and `scheduler.config.num_train_timesteps`. More denoising
-                steps usually lead to a higher quality image at the expense of slower inference. Second-order
-                schedulers such as [`~diffusers.HeunDiscreteScheduler`] call `unet` about twice per step.
+                Number of scheduler steps, between 1 and `scheduler.config.num_train_timesteps`. Each step calls
+                `unet` once, except that second-order schedulers such as [`~diffusers.HeunDiscreteScheduler`] call it
+                about twice per step and [`~diffusers.PNDMScheduler`] adds 9 Runge-Kutta warmup calls (default
+                config), for which it needs at least 4 steps.
             class_labels (`int`, `list[int]` or `torch.Tensor`, *optional*):
                 Class labels for a class-conditional `unet` (`unet.config.num_class_embeds` is set): a single label
                 for the whole batch or one label per image, each in `[0, num_class_embeds)`. Must be `None` for an
                 unconditional `unet`.
             eta (`float`, *optional*):
-                Corresponds to parameter eta (η) from the [DDIM](https://huggingface.co/papers/2010.02502) paper. A
-                value of `0` corresponds to DDIM and `1` corresponds to DDPM. Passed only to schedulers whose `step`
-                accepts it, such as [`~diffusers.DDIMScheduler`]. If `None`, the scheduler's default is used.
+                The η of [DDIM](https://huggingface.co/papers/2010.02502), which scales the noise added at each step:
+                `0` gives deterministic DDIM sampling and `1` adds as much noise as DDPM. Passed only to schedulers
+                whose `step` has an `eta` argument, such as [`~diffusers.DDIMScheduler`]. If `None`, the scheduler's
+                default applies.
             output_type (`str`, *optional*, defaults to `"pil"`):
-                The output format of the generated image. Choose between `"pil"` (`PIL.Image`), `"np"` (`np.array`) or
-                `"pt"` (`torch.Tensor`). Single-channel images become PIL images of mode `"L"`.
+                Format of the images: `"pil"` (list of `PIL.Image.Image`, mode `"L"` for one channel and `"RGB"` for
+                three), `"np"` (`np.ndarray` of shape `(batch, height, width, channels)`) or `"pt"` (`torch.Tensor`
+                of shape `(batch, channels, height, width)`).
             return_dict (`bool`, *optional*, defaults to `True`):
-                Whether or not to return a [`~pipelines.ImagePipelineOutput`] instead of a plain tuple.
-            callback_on_step_end (`Callable`, `PipelineCallback`, `MultiPipelineCallbacks`, *optional*):
-                A function or a subclass of `PipelineCallback` or `MultiPipelineCallbacks` that is called after every
-                `scheduler.step`, with the arguments `callback_on_step_end(self: DiffusionPipeline, step: int,
-                timestep: torch.Tensor, callback_kwargs: dict)`. `callback_kwargs` contains the tensors named in
-                `callback_on_step_end_tensor_inputs`. `latents` is the current sample on the model's [-1, 1] scale,
-                before clamping. If the callback returns a dict with `"latents"`, that tensor replaces the sample.
-            callback_on_step_end_tensor_inputs (`list`, *optional*, defaults to `["latents"]`):
-                The list of tensor inputs for the `callback_on_step_end` function. You will only be able to include
-                variables listed in the `._callback_tensor_inputs` attribute of your pipeline class.
+                If `False`, returns the tuple `(images,)` in place of an [`~pipelines.ImagePipelineOutput`].
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
+                Called after every `scheduler.step` as `callback_on_step_end(pipeline, step_index, timestep,
+                callback_kwargs)`. `callback_kwargs` maps the names in `callback_on_step_end_tensor_inputs` to
+                tensors. `latents` is the current sample on the model's [-1, 1] scale, before clamping. If the
+                returned dict contains `"latents"`, that tensor replaces the sample.
+            callback_on_step_end_tensor_inputs (`list[str]`, *optional*, defaults to `["latents"]`):
+                Names of the tensors that `callback_on_step_end` receives. Only `"latents"` is available.
 
         Example:
 
@@ -344,22 +341,20 @@ class ContinuousUNetPipeline(DiffusionPipeline):
         >>> pipe = ContinuousUNetPipeline.from_pretrained("path/to/saved/pipeline")
         >>> pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
 
-        >>> # run pipeline in inference (sample random noise and denoise)
+        >>> # denoise random noise into an image
         >>> image = pipe(num_inference_steps=50, generator=torch.manual_seed(0)).images[0]
-
-        >>> # save image
         >>> image.save("cunet_generated_image.png")
         ```
 
         Returns:
             [`~pipelines.ImagePipelineOutput`] or `tuple`:
-                If `return_dict` is `True`, [`~pipelines.ImagePipelineOutput`] is returned, otherwise a `tuple` is
-                returned where the first element is a list with the generated images. Pixel values are in `[0, 1]`.
+                The generated images with pixel values in `[0, 1]`, as an [`~pipelines.ImagePipelineOutput`] or, if
+                `return_dict` is `False`, as the only element of a tuple.
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
 
-        # 1. Check inputs. Raise error if not correct
+        # 1. Validate all arguments before any compute
         self.check_inputs(
             batch_size,
             generator,
@@ -377,17 +372,25 @@ class ContinuousUNetPipeline(DiffusionPipeline):
         unet_kwargs = {} if class_labels is None else {"class_labels": class_labels}
 
         # 2. Set timesteps before sampling noise, because `init_noise_sigma` can depend on them
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        try:
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+        except ValueError as error:
+            # PNDMScheduler with its default Runge-Kutta warmup fails with a numpy broadcasting message for fewer
+            # than 4 steps (diffusers 0.42), which does not name the cause.
+            raise ValueError(
+                f"{self.scheduler.__class__.__name__}.set_timesteps failed for `num_inference_steps`="
+                f"{num_inference_steps}: {error}. Pass more steps or use another scheduler."
+            ) from error
         timesteps = self.scheduler.timesteps
 
-        # 3. Sample gaussian noise to begin loop
+        # 3. Sample the initial noise
         latents = self.prepare_latents(batch_size, generator, device)
 
-        # 4. Prepare extra step kwargs
+        # 4. Select the optional arguments of `scheduler.step`
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
 
-        # 5. Denoising loop. PNDM adds warmup steps and second-order schedulers such as Heun visit most timesteps
-        # twice, so the progress bar counts scheduler steps instead of loop iterations.
+        # 5. Denoising loop. PNDM prepends warmup entries to `timesteps`, and second-order schedulers use about
+        # `scheduler.order` entries per step. The progress bar advances once per completed step and on the last entry.
         num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
@@ -396,22 +399,19 @@ class ContinuousUNetPipeline(DiffusionPipeline):
                 model_input = self.scheduler.scale_model_input(latents, t)
                 model_output = self.unet(model_input, t, **unet_kwargs).sample
 
-                # compute the previous noisy sample x_t -> x_t-1
+                # Step from the noisy sample at `t` to the less noisy sample at the next timestep
                 latents = self.scheduler.step(model_output, t, latents, **extra_step_kwargs).prev_sample
 
                 if callback_on_step_end is not None:
-                    callback_kwargs = {}
-                    for k in callback_on_step_end_tensor_inputs:
-                        callback_kwargs[k] = locals()[k]
+                    available_tensors = {"latents": latents}
+                    callback_kwargs = {name: available_tensors[name] for name in callback_on_step_end_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-
                     latents = callback_outputs.pop("latents", latents)
 
-                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
+                is_last = i == len(timesteps) - 1
+                completes_step = i + 1 > num_warmup_steps and (i + 1) % self.scheduler.order == 0
+                if is_last or completes_step:
                     progress_bar.update()
-
-                if XLA_AVAILABLE:
-                    xm.mark_step()
 
         # NaN survives the clamp below but turns into an arbitrary pixel value (usually 0) in PIL output, where a
         # diverged run could pass for a valid image.
@@ -423,7 +423,7 @@ class ContinuousUNetPipeline(DiffusionPipeline):
                 " `num_train_timesteps`, so pass fewer steps with those schedulers."
             )
 
-        # 6. Post-process from [-1, 1] to [0, 1]
+        # 6. Map from the model's [-1, 1] range to [0, 1] and convert to `output_type`
         image = (latents / 2 + 0.5).clamp(0, 1)
         if output_type != "pt":
             # numpy has no bfloat16, so convert before leaving torch
@@ -431,7 +431,7 @@ class ContinuousUNetPipeline(DiffusionPipeline):
             if output_type == "pil":
                 image = self.numpy_to_pil(image)
 
-        # Offload all models
+        # Offload the components again if `enable_model_cpu_offload` was called
         self.maybe_free_model_hooks()
 
         if not return_dict:
