@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     RunRecord,
     add_common_arguments,
+    apply_thread_setting,
     format_number,
     markdown_table,
     measure_interleaved,
@@ -336,7 +337,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--compile-solver", default="euler", help="Native method of the compiled model (default euler).")
     args = parser.parse_args(argv)
     if args.batches is None:
-        args.batches = [1, 2] if args.quick else [1, 64]
+        args.batches = [1] if args.quick else [1, 64]
     if args.compile is None:
         args.compile = not args.quick
 
@@ -353,6 +354,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     setup_logging()
+    apply_thread_setting(args)
     record = RunRecord()
     presets = [
         Preset("mnist_cunet", mnist_cunet, 32, 1),

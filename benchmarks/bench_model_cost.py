@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     RunRecord,
     add_common_arguments,
+    apply_thread_setting,
     format_number,
     format_ratio,
     markdown_table,
@@ -179,6 +180,7 @@ def measure_memory_in_subprocess(names: list[str], size: int, channels: int, arg
     command = [
         sys.executable, str(Path(__file__).resolve()), "--memory-worker", *names,
         "--memory-size", str(size), "--memory-channels", str(channels), "--seed", str(args.seed),
+        "--threads", str(torch.get_num_threads()),
     ]
     if args.quick:
         command.append("--quick")
@@ -427,6 +429,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    apply_thread_setting(args)
     if args.memory_worker:
         memory_worker(args.memory_worker, args.memory_size, args.memory_channels, args.seed, args.quick)
         return

@@ -58,6 +58,21 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         "--results", type=Path, default=RESULTS_PATH, help="Markdown page whose section this script rewrites."
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights and inputs.")
+    parser.add_argument(
+        "--threads", type=int,
+        help="torch intra-op threads (default: torch's default, all cores; --quick: 1). With more threads than "
+        "idle cores, every small op waits at an OpenMP barrier for a descheduled thread, which can make a tiny "
+        "model many times slower.",
+    )
+
+
+def apply_thread_setting(args: argparse.Namespace) -> None:
+    """Set torch's intra-op threads from `--threads`, defaulting to 1 in quick mode."""
+    threads = args.threads if args.threads is not None else (1 if args.quick else None)
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads={threads} is invalid; pass a positive number of threads.")
+        torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------- provenance

@@ -216,6 +216,18 @@ def test_wrong_shapes_raise(classifier, held_out):
         judge_digits(digits[:2], threshold=1.5, classifier=classifier)
     with pytest.raises(TypeError, match="str"):
         judge_digits("digits.png", classifier=classifier)
+    with pytest.raises(ValueError, match="images is empty"):
+        judge_digits(digits[:0], classifier=classifier)
+    with pytest.raises(ValueError, match="same size"):
+        judge_digits([Image.new("L", (28, 28)), Image.new("L", (32, 32))], classifier=classifier)
+
+
+def test_numpy_in_bytes_range_raises(classifier, held_out):
+    digits, _ = held_out
+    as_bytes = ((digits[:2] + 1) * 127.5).permute(0, 2, 3, 1).numpy()
+
+    with pytest.raises(ValueError, match="Divide"):
+        judge_digits(as_bytes, classifier=classifier)
 
 
 # ----------------------------------------------------------------------------------------------------------------
