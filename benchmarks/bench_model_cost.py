@@ -53,15 +53,15 @@ MODEL_BUILDERS = {"cU-Net": thesis_cunet, "U-Net": thesis_unet}
 TIMESTEP = 500
 LEARNING_RATE = 1e-5
 
-# (sample size, channels) pairs; the quick mode keeps the smallest.
+# Pairs of (sample size, channels). The quick mode keeps the smallest.
 FULL_RESOLUTIONS = ((32, 1), (64, 3))
 QUICK_RESOLUTIONS = ((32, 1),)
 FULL_BATCHES = (1, 16, 64)
 QUICK_BATCHES = (1, 2)
-# (warm-up calls, timed calls) per batch size. Large batches run one timed call: a 64x64 training step of the
-# 35.7M-parameter U-Net at batch 64 takes minutes on two cores, and the first call of a shape costs little
-# compared with that.
-FULL_REPEATS = {1: (2, 5), 16: (1, 2), 64: (0, 1)}
+# (warm-up calls, timed calls) per batch size, and `--max-seconds` can stop the rounds earlier. Large batches skip
+# the warm-up, because a 64x64 training step of the 35.7M-parameter U-Net at batch 16 takes tens of seconds on two
+# cores and the one-off setup of a new shape costs little next to that.
+FULL_REPEATS = {1: (2, 5), 16: (0, 3), 64: (0, 1)}
 QUICK_REPEATS = {1: (1, 1), 2: (0, 1)}
 CONV_REPEATS = 5
 CONV_CALL_SECONDS = 0.05
@@ -83,7 +83,7 @@ def _sdpa_cpu_backward_flops(grad_out_shape, query_shape, key_shape, value_shape
     return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
-# torch 2.14's FlopCounterMode has formulas for the CUDA attention kernels only; on CPU, scaled dot-product
+# torch 2.14's FlopCounterMode has formulas for the CUDA attention kernels only. On CPU, scaled dot-product
 # attention runs as `_scaled_dot_product_flash_attention_for_cpu`, which it would count as zero.
 ATTENTION_FLOP_FORMULAS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
@@ -191,7 +191,11 @@ def measure_memory_in_subprocess(names: list[str], size: int, channels: int, arg
 
 
 def memory_worker(names: list[str], size: int, channels: int, seed: int, quick: bool) -> None:
-    """Print JSON with the peak RSS growth of a batch-1 forward pass and of a training step of each model."""
+    """Print JSON with the peak RSS growth of a forward pass and of a training step of each model.
+
+    The forward pass is measured at batch 1 and the training step at batch 1 and 2. The difference of the two
+    training peaks is the memory per extra sample, from which the caller extrapolates larger batches.
+    """
     results = {}
     for name in names:
         model = build_model(name, size, channels, seed, quick)
@@ -203,8 +207,16 @@ def memory_worker(names: list[str], size: int, channels: int, seed: int, quick: 
         # One step first, so the AdamW state is part of the baseline and the measured step is a steady-state step.
         workload.training_step()
         training_bytes = peak_rss_delta(workload.training_step)
-        results[name] = {"forward_bytes": forward_bytes, "training_bytes": training_bytes}
-        del model, workload
+        pair = make_workload(model, size, channels, batch=2, seed=seed)
+        pair.optimizer = workload.optimizer
+        pair.training_step()
+        pair_training_bytes = peak_rss_delta(pair.training_step)
+        results[name] = {
+            "forward_bytes": forward_bytes,
+            "training_bytes": training_bytes,
+            "training_bytes_per_sample": max(0.0, pair_training_bytes - training_bytes),
+        }
+        del model, workload, pair
     print(json.dumps(results))
 
 
@@ -213,7 +225,7 @@ def memory_worker(names: list[str], size: int, channels: int, seed: int, quick: 
 
 def calibrate_loops(function, target_seconds: float) -> int:
     """Return how many back-to-back calls of `function` last about `target_seconds` (at least 1)."""
-    function()  # the first call of a shape creates the oneDNN primitive
+    function()  # The first call of a shape creates the oneDNN primitive.
     seconds = max(time_call(function), 1e-6)
     return max(1, round(target_seconds / seconds))
 
@@ -287,28 +299,31 @@ def benchmark_resolution(size: int, channels: int, batches, repeats, args) -> st
         stats[name]["conv_shape"] = heaviest_conv_shape(model, probe)
         stats[name]["forward_peak_mb"] = memory[name]["forward_bytes"] / 2**20
         stats[name]["training_peak_mb"] = memory[name]["training_bytes"] / 2**20
+        stats[name]["training_mb_per_sample"] = memory[name]["training_bytes_per_sample"] / 2**20
 
     latencies: dict[tuple[str, str, int], float] = {}
     counts: dict[tuple[str, int], int] = {}
-    skipped: dict[int, str] = {}
+    skipped: list[str] = []
     for batch in batches:
         warmup, timed = repeats[batch]
-        estimated_bytes = max(stats[name]["training_peak_mb"] for name in models) * 2**20 * batch
-        available = psutil.virtual_memory().available
-        train = estimated_bytes <= args.memory_fraction * available
-        if not train:
-            skipped[batch] = (
-                f"training step at batch {batch} skipped: its estimated peak ({estimated_bytes / 2**30:.1f} GiB, "
-                f"batch x the batch-1 peak) exceeds --memory-fraction={args.memory_fraction} of the "
-                f"{available / 2**30:.1f} GiB available"
-            )
-            logger.warning(skipped[batch])
         workloads = {name: make_workload(model, size, channels, batch, args.seed) for name, model in models.items()}
         candidates = {f"{name}|forward": workload.forward for name, workload in workloads.items()}
-        if train:
-            candidates.update({f"{name}|training": workload.training_step for name, workload in workloads.items()})
+        available = psutil.virtual_memory().available
+        for name, workload in workloads.items():
+            estimated_mb = stats[name]["training_peak_mb"] + (batch - 1) * stats[name]["training_mb_per_sample"]
+            if estimated_mb * 2**20 <= args.memory_fraction * available:
+                candidates[f"{name}|training"] = workload.training_step
+                continue
+            skipped.append(
+                f"{name} training step at batch {batch} skipped: its estimated peak memory ({estimated_mb / 1024:.1f} "
+                f"GiB, extrapolated from batch 1 and 2) exceeds --memory-fraction={args.memory_fraction} of the "
+                f"{available / 2**30:.1f} GiB available"
+            )
+            logger.warning(skipped[-1])
         logger.info("%s batch %d: %d warm-up and %d timed rounds", label, batch, warmup, timed)
-        timings = measure_interleaved(candidates, warmup, timed, description=f"{label} batch {batch}")
+        timings = measure_interleaved(
+            candidates, warmup, timed, max_seconds=args.max_seconds, description=f"{label} batch {batch}"
+        )
         for key, values in timings.items():
             name, kind = key.split("|")
             latencies[(name, kind, batch)] = median(values)
@@ -382,7 +397,7 @@ def render_resolution(label, stats, latencies, counts, skipped, conv_rates, batc
         for batch in batches
     )
     notes = [f"Timed calls per model (medians shown): {repetition_notes}."]
-    notes += [f"{text.capitalize()}." for text in skipped.values()]
+    notes += [f"{text}." for text in skipped]
     return f"### {label}\n\n{table}\n\n{conv_table}\n\n" + "\n".join(f"- {note}" for note in notes)
 
 
@@ -393,22 +408,23 @@ METHOD_NOTES = """\
 How the numbers are measured:
 
 - Models: `diffusers_cunet.presets.thesis_cunet` (cU-Net, rk4 with one step per dynamic block) and
-  `thesis_unet` (diffusers `UNet2DModel`, DDPM CIFAR-10 layout), random weights, float32, all torch threads.
+  `thesis_unet` (diffusers `UNet2DModel`, DDPM CIFAR-10 layout), random weights, float32.
 - GFLOPs: `torch.utils.flop_counter.FlopCounterMode` at batch 1, 2 FLOPs per multiply-add. It counts
-  convolutions, matrix products and attention (a formula for the CPU attention kernel is added); norms,
+  convolutions, matrix products and attention (a formula for the CPU attention kernel is added). Norms,
   nonlinearities and the ODE solver's vector updates are not counted. A training step's FLOPs are forward plus
-  backward; the AdamW update is not counted but is part of the timed step.
-- Peak memory: growth of the resident set (RSS) during one call at batch 1, in a fresh subprocess per model: the
-  RSS right before the call (after `malloc_trim`) is subtracted from the process's `ru_maxrss` high-water mark,
-  or from the largest RSS that a 1 ms `psutil` sampler saw when the call did not raise that mark. The training
-  step is measured after one warm step, so the AdamW state belongs to the baseline. Weight memory is the size of
-  the parameters and buffers.
+  backward. The AdamW update is not counted but is part of the timed step.
+- Peak memory: growth of the resident set (RSS) during one call at batch 1, measured with `psutil` and
+  `getrusage` (torch's CPU allocations are invisible to `tracemalloc`) in a fresh subprocess per model. The RSS
+  right before the call, after `malloc_trim`, is subtracted from the process's `ru_maxrss` high-water mark, or
+  from the largest RSS that a 1 ms sampler saw when the call did not raise that mark. Each call is measured
+  after one warm call of the same kind, so one-off setup and the AdamW state are part of the baseline. Weight
+  memory is the size of the parameters and buffers.
 - Latency: median wall time of interleaved calls (cU-Net and U-Net alternate within each round). A forward pass
   runs in eval mode under `torch.no_grad()`. A training step is forward, MSE loss, backward, AdamW step.
 - Plain conv: one `nn.Conv2d` 3x3 with the input/output channels and resolution of the 3x3 conv shape that has
-  the largest FLOP share in each model, timed at each batch size. Forward+backward computes the input and weight
-  gradients (3x the forward FLOPs). "% of plain conv" is the model's achieved GFLOP/s over that conv's GFLOP/s
-  at the same batch.
+  the largest FLOP share in each model, timed at each batch size (median of 5 interleaved calls, each a loop of
+  about 50 ms). Forward+backward computes the input and weight gradients (3x the forward FLOPs). "% of plain
+  conv" is the model's achieved GFLOP/s over that conv's GFLOP/s at the same batch.
 """
 
 
@@ -416,9 +432,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)
     parser.add_argument(
+        "--max-seconds", type=float, default=60.0,
+        help="Stop adding timed rounds of a batch size once its rounds have run this many seconds (at least one runs).",
+    )
+    parser.add_argument(
         "--memory-fraction", type=float, default=0.5,
-        help="Skip a training step whose estimated peak memory (batch x the batch-1 peak) exceeds this share of "
-        "the memory available when it starts.",
+        help="Skip a model's training step whose estimated peak memory (extrapolated from batch 1 and 2) exceeds "
+        "this share of the memory available when its batch size starts.",
     )
     # Internal: the per-model memory measurement runs in a fresh subprocess of this script.
     parser.add_argument("--memory-worker", nargs="+", choices=list(MODEL_BUILDERS), help=argparse.SUPPRESS)

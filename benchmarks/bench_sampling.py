@@ -2,8 +2,8 @@
 
 Part 1 times seconds per image for DDPM, DDIM, DPM-Solver++ and UniPC at several step counts, for the thesis
 cU-Net and its UNet2DModel baseline, both through `ContinuousUNetPipeline`. Part 2 changes the cU-Net's ODE
-solver and steps at sampling time (`set_ode_solver`, `set_ode_step_schedule`) and reports time and NFE per image;
-with a trained MNIST pipeline (`--pipeline`), it also judges 64 samples per setting with the digit classifier.
+solver and steps at sampling time (`set_ode_solver`, `set_ode_step_schedule`) and reports time and NFE per image.
+Given a trained MNIST pipeline (`--pipeline`), it also judges 64 samples per setting with the digit classifier.
 
     .venv/bin/python benchmarks/bench_sampling.py --pipeline /tmp/exp1/out
     .venv/bin/python benchmarks/bench_sampling.py --quick
@@ -50,7 +50,7 @@ SCHEDULERS = {
     "DPM-Solver++": DPMSolverMultistepScheduler,
     "UniPC": UniPCMultistepScheduler,
 }
-# Scheduler timed end to end at every step count; the others are estimated above --measure-steps-up-to.
+# Scheduler timed end to end at every step count. Above --measure-steps-up-to, the others are estimated.
 REFERENCE_SCHEDULER = "DDIM"
 FULL_STEPS = (5, 10, 20, 50, 100)
 QUICK_STEPS = (2, 5)
@@ -219,11 +219,10 @@ def benchmark_schedulers(args) -> str:
     ]
     if estimated_any:
         notes.append(
-            f"`~` marks an estimate, used above {args.measure_steps_up_to} steps for every scheduler but "
-            f"{REFERENCE_SCHEDULER} to keep the run short: steps x the median model call + the pipeline's own time "
-            "with a model that returns zeros at no cost (scheduler, noise and output conversion). Compare the "
-            f"estimate with the measured {REFERENCE_SCHEDULER} row of the same step count. Pass "
-            "`--measure-steps-up-to 100` to time every cell."
+            f"`~` marks an estimate, used above {args.measure_steps_up_to} steps (`--measure-steps-up-to`) for every "
+            f"scheduler but {REFERENCE_SCHEDULER}: steps x the median model call + the pipeline's own time with a "
+            "model that returns zeros at no cost (scheduler, noise and output conversion). Compare the estimate "
+            f"with the measured {REFERENCE_SCHEDULER} row of the same step count."
         )
     return table + "\n\n" + "\n".join(f"- {note}" for note in notes)
 
@@ -236,7 +235,7 @@ def load_knob_model(args):
     pipeline_path = Path(args.pipeline) if args.pipeline else None
     if pipeline_path is not None and (pipeline_path / "model_index.json").is_file():
         pipeline = ContinuousUNetPipeline.from_pretrained(pipeline_path)
-        return pipeline.unet.eval(), pipeline.scheduler.config, f"trained pipeline at `{pipeline_path}`"
+        return pipeline.unet.eval(), pipeline.scheduler.config, f"saved pipeline at `{pipeline_path}`"
     torch.manual_seed(args.seed)
     overrides = QUICK_OVERRIDES["mnist_cunet"] if args.quick else {}
     model = mnist_cunet(**overrides).eval()
@@ -272,7 +271,7 @@ def benchmark_depth_knob(args) -> str:
         nfe_per_image = counter.total
         row = [setting.label, format_number(seconds / batch), nfe_per_image]
         if judge is not None:
-            # The pipeline maps samples to [0, 1]; the classifier reads [-1, 1] tensors.
+            # The pipeline maps samples to [0, 1], but the classifier reads [-1, 1] tensors.
             verdict = judge(images * 2 - 1)
             row += [f"{100 * verdict['confident_share']:.1f}%", verdict["num_classes"]]
         else:
@@ -290,6 +289,8 @@ def benchmark_depth_knob(args) -> str:
         f"Model: {description}; DDIM, {knob_steps} steps, batch {batch} (time per image = run time / batch), one "
         "run per setting. NFE/image sums the acceleration evaluations of every dynamic block over all model calls.",
         f"The schedule {STEP_SCHEDULE} runs 2 ODE steps per block at timesteps >= 500 and 1 below.",
+        f"The first row is the solver setting saved with the model ({original_solver.solver} x "
+        f"{original_solver.steps}), which is the one it was trained with unless it was changed after training.",
     ]
     if trained:
         notes.append(
@@ -313,9 +314,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sample-size", type=int, default=32, help="Resolution of the scheduler timing (one channel).")
     parser.add_argument("--steps", type=int, nargs="+", help="Scheduler step counts (default: 5 10 20 50 100).")
     parser.add_argument(
-        "--measure-steps-up-to", type=int, default=20,
+        "--measure-steps-up-to", type=int,
         help=f"Time every scheduler end to end up to this many steps; above it only {REFERENCE_SCHEDULER} is timed "
-        "and the others are estimated.",
+        "and the others are estimated, which saves minutes on a slow machine (default: the largest step count; "
+        "--quick: 2).",
     )
     parser.add_argument("--call-repeats", type=int, default=5, help="Timed model calls per model for the estimates.")
     parser.add_argument("--knob-steps", type=int, default=KNOB_STEPS, help="DDIM steps of the depth-knob part.")
@@ -324,11 +326,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.steps is None:
         args.steps = list(QUICK_STEPS if args.quick else FULL_STEPS)
+    if args.measure_steps_up_to is None:
+        args.measure_steps_up_to = 2 if args.quick else max(args.steps)
     if args.quick:
         args.call_repeats = 1
         args.knob_steps = 3
         args.quality_images = min(args.quality_images, 4)
-        args.measure_steps_up_to = min(args.measure_steps_up_to, 2)
     return args
 
 

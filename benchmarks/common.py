@@ -68,7 +68,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 def apply_thread_setting(args: argparse.Namespace) -> None:
     """Set torch's intra-op threads from `--threads`, defaulting to 1 in quick mode."""
-    threads = args.threads if args.threads is not None else (1 if args.quick else None)
+    threads = args.threads
+    if threads is None and args.quick:
+        threads = 1
     if threads is not None:
         if threads < 1:
             raise ValueError(f"--threads={threads} is invalid; pass a positive number of threads.")
@@ -192,8 +194,8 @@ def measure_interleaved(
 
     Interleaving puts every candidate under the same load drift, so the ratio of two medians is fairer than
     that of two back-to-back blocks. The order flips every round so that no candidate always runs right after
-    the same neighbour. Once `max_seconds` of timed rounds have passed, the loop stops after the current round;
-    at least one timed round always runs, so a caller must read the count from the lists it gets back.
+    the same neighbour. Once `max_seconds` of timed rounds have passed, the loop stops after the current round.
+    At least one timed round always runs. The returned lists can be shorter than `repeats`.
     """
     names = list(candidates)
     for _ in range(warmup):
@@ -220,7 +222,7 @@ def median(values: Sequence[float]) -> float:
 
 def _release_free_heap() -> None:
     # glibc keeps freed blocks in the process, so the RSS before a call can include memory that the call
-    # would reuse; trimming first makes the RSS delta count what the call really needs.
+    # would reuse. Trimming first makes the RSS growth count what the call needs.
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -231,10 +233,10 @@ def _release_free_heap() -> None:
 def peak_rss_delta(function: Callable[[], object], poll_interval: float = 0.001) -> float:
     """Return the peak resident-set growth in bytes while `function` runs.
 
-    The baseline is the RSS right before the call, after freeing cached heap memory. The peak is the process's
-    `ru_maxrss` when the call raised it (an exact high-water mark); otherwise, when an earlier call of this
-    process had a higher peak, it is the largest RSS seen by a thread that samples `psutil` every
-    `poll_interval` seconds, which can miss a peak shorter than that.
+    The baseline is the RSS right before the call, after freeing cached heap memory. When the call raises the
+    process's `ru_maxrss`, that exact high-water mark is the peak. When an earlier call had a higher peak, the
+    peak is the largest RSS seen by a thread that samples `psutil` every `poll_interval` seconds, which can
+    miss a peak shorter than that.
     """
     process = psutil.Process()
     _release_free_heap()

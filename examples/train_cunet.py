@@ -53,6 +53,9 @@ CUNET_PRESETS = ("mnist_cunet", "thesis_cunet")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+# Steps of the default run on the embedded digits, sized so that it trains in about 12 minutes at
+# 0.33 s per step (measured with the mnist_cunet preset at batch 64 on a 2-core AMD EPYC CPU).
+DEFAULT_MNIST_STEPS = 2200
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -106,9 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     diffusion.add_argument("--snr_gamma", type=float, default=5.0,
                            help="Min-SNR-gamma loss weighting; 0 disables it (uniform weights).")
     diffusion.add_argument("--ddpm_num_steps", type=int, default=1000, help="Diffusion timesteps of the noise scheduler.")
-    diffusion.add_argument("--ddpm_num_inference_steps", type=int, default=50, help="Sampling steps for the sample grids.")
+    diffusion.add_argument("--ddpm_num_inference_steps", type=int, default=250, help="Sampling steps for the sample grids.")
     diffusion.add_argument("--ddpm_beta_schedule", choices=BETA_SCHEDULES, default="squaredcos_cap_v2", help="Beta schedule.")
-    diffusion.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim", help="Scheduler for the sample grids.")
+    diffusion.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm",
+                           help="Scheduler for the sample grids. Ancestral DDPM sampling gave legible digits more often "
+                                "than DDIM for briefly trained models.")
+    diffusion.add_argument("--timestep_sampling", choices=("stratified", "uniform"), default="stratified",
+                           help="stratified: one timestep per equal slice of [0, T), shuffled, which lowers the variance "
+                                "of the loss; uniform: independent draws.")
 
     optimization = parser.add_argument_group("optimization")
     optimization.add_argument("--seed", type=int, default=0, help="Seed for weights, data order, noise and timesteps.")
@@ -116,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     optimization.add_argument("--eval_batch_size", type=int, default=64, help="Number of images in each sample grid.")
     optimization.add_argument("--num_epochs", type=int, default=100, help="Epochs, unless --max_train_steps is set.")
     optimization.add_argument("--max_train_steps", type=int, default=None,
-                              help="Optimizer steps to train for; overrides --num_epochs. Default: 1800 on the embedded MNIST data.")
+                              help="Optimizer steps to train for; overrides --num_epochs. Default: 2200 on the embedded MNIST data.")
     optimization.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches per optimizer step.")
     optimization.add_argument("--learning_rate", type=float, default=2e-3, help="Peak learning rate.")
     optimization.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default="cosine", help="Learning-rate schedule.")
@@ -131,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     optimization.add_argument("--ema_inv_gamma", type=float, default=1.0, help="EMA warm-up inverse gamma.")
     optimization.add_argument("--ema_power", type=float, default=2 / 3, help="EMA warm-up power.")
     optimization.add_argument("--ema_max_decay", type=float, default=0.9999, help="Maximum EMA decay.")
+    optimization.add_argument("--num_cpu_threads", type=int, default=None,
+                              help="Intra-op threads per process on a CPU-only machine. Default: the CPU cores divided "
+                                   "by the processes on this machine (accelerate launch would otherwise leave one).")
     optimization.add_argument("--mixed_precision", choices=MIXED_PRECISION, default=None,
                               help="Overrides accelerate's setting. bf16 works on CPUs; fp16 needs a GPU.")
 
@@ -174,7 +185,7 @@ def validate_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name}={value} is invalid; it must be at least 1.")
     for name in ("max_train_steps", "save_images_epochs", "save_images_steps", "save_model_epochs",
                  "checkpoints_total_limit", "max_train_samples", "num_class_embeds", "ode_steps", "ode_max_steps",
-                 "exit_after_steps"):
+                 "exit_after_steps", "num_cpu_threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name}={value} is invalid; use a positive number or leave it unset.")
@@ -346,7 +357,7 @@ def setup(args: argparse.Namespace, accelerator: Accelerator) -> TrainingSetup:
     num_update_steps_per_epoch = max(1, math.ceil(batches_per_process / args.gradient_accumulation_steps))
     max_train_steps = args.max_train_steps
     if max_train_steps is None:
-        max_train_steps = 1800 if not (args.dataset_name or args.train_data_dir) else args.num_epochs * num_update_steps_per_epoch
+        max_train_steps = DEFAULT_MNIST_STEPS if not (args.dataset_name or args.train_data_dir) else args.num_epochs * num_update_steps_per_epoch
     num_epochs = math.ceil(max_train_steps / num_update_steps_per_epoch)
 
     lr_scheduler = get_scheduler(
@@ -397,6 +408,16 @@ def step_generator(seed: int, step: int, process_index: int, micro_step: int) ->
     return torch.Generator().manual_seed(hash((seed, step, process_index, micro_step)) & 0x7FFF_FFFF_FFFF)
 
 
+def sample_timesteps(method: str, num_train_timesteps: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """Draw one diffusion timestep per sample, uniformly or stratified over [0, num_train_timesteps)."""
+    if method == "uniform":
+        return torch.randint(0, num_train_timesteps, (batch_size,), generator=generator)
+    # One draw in each of `batch_size` equal slices of [0, 1): every batch covers all noise levels.
+    offsets = (torch.rand((), generator=generator) + torch.arange(batch_size)) / batch_size
+    timesteps = (offsets * num_train_timesteps).long().clamp_(max=num_train_timesteps - 1)
+    return timesteps[torch.randperm(batch_size, generator=generator)]
+
+
 def train_step(args, state: TrainingSetup, batch: dict, generator: torch.Generator) -> torch.Tensor:
     """Run one forward/backward on a batch (an optimizer step once gradients are synchronised)."""
     accelerator = state.accelerator
@@ -405,7 +426,7 @@ def train_step(args, state: TrainingSetup, batch: dict, generator: torch.Generat
 
     # Noise and timesteps are drawn on the CPU from the step's own generator, then moved.
     noise = torch.randn(clean_images.shape, generator=generator).to(clean_images.device, clean_images.dtype)
-    timesteps = torch.randint(0, state.noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+    timesteps = sample_timesteps(args.timestep_sampling, state.noise_scheduler.config.num_train_timesteps, batch_size, generator)
     timesteps = timesteps.to(clean_images.device)
     noisy_images = state.noise_scheduler.add_noise(clean_images, noise, timesteps)
 
@@ -538,7 +559,7 @@ def log_banner(args, state: TrainingSetup) -> None:
         f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch}",
         f"  Gradient accumulation steps = {args.gradient_accumulation_steps}",
         f"  Total optimization steps = {state.max_train_steps}",
-        f"  Mixed precision = {state.accelerator.mixed_precision}",
+        f"  Mixed precision = {state.accelerator.mixed_precision}, CPU threads per process = {torch.get_num_threads()}",
     ]
     if isinstance(model, ContinuousUNet2DModel):
         settings = model.solver_settings
@@ -576,6 +597,10 @@ def main(args: argparse.Namespace) -> dict:
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     set_seed(args.seed)
+    if accelerator.device.type == "cpu":
+        # `accelerate launch` sets OMP_NUM_THREADS=1 unless told otherwise, which leaves all but one core idle.
+        threads = args.num_cpu_threads or max(1, (os.cpu_count() or 1) // accelerator.state.num_processes)
+        torch.set_num_threads(threads)
 
     state = setup(args, accelerator)
     if accelerator.is_main_process and args.logger != "none":

@@ -11,11 +11,13 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import UNet2DModel
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from diffusers_cunet import ContinuousUNet2DModel, NonFiniteStateError, ODESolverError
-from diffusers_cunet.models.blocks import AccelerationField, DynamicBlock
+from diffusers_cunet.models.blocks import AccelerationField, DynamicBlock, Softplus
 from diffusers_cunet.ode import FIXED_STEP_INTEGRATORS, ODESolverSettings
 from diffusers_cunet.presets import thesis_cunet, thesis_unet
 
@@ -693,6 +695,44 @@ def test_compile_inductor_matches_eager(solver):
     output = run_model(torch.compile(model, fullgraph=True), sample)
 
     torch.testing.assert_close(output, expected, rtol=0, atol=1e-4)
+
+
+# ---------------------------------------------------------------- nonlinearity
+
+
+def test_fast_softplus_matches_torch():
+    softplus = Softplus()
+    grid = torch.linspace(-120.0, 120.0, 200_001)
+    special = torch.tensor([float("inf"), float("-inf"), 0.0, -0.0, 16.0, 17.0, 20.0, 21.0])
+    reference = F.softplus(grid)
+
+    output = softplus(grid)
+    small = reference < 1
+    relative_error = (output - reference).abs() / reference
+
+    assert isinstance(softplus, nn.Softplus)
+    assert (output - reference)[small].abs().max() <= 2e-7
+    assert relative_error[~small].max() <= 2e-7
+    assert torch.equal(softplus(special), F.softplus(special))
+    assert torch.isnan(softplus(torch.tensor([float("nan")]))).all()
+
+
+def test_fast_softplus_gradients_match_torch():
+    inputs = (torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 10).requires_grad_(True)
+
+    (gradient,) = torch.autograd.grad(Softplus()(inputs).sum(), inputs, create_graph=True)
+    (reference,) = torch.autograd.grad(F.softplus(inputs).sum(), inputs, create_graph=True)
+    (second,) = torch.autograd.grad(gradient.sum(), inputs)
+    (second_reference,) = torch.autograd.grad(reference.sum(), inputs)
+
+    torch.testing.assert_close(gradient, reference, rtol=0, atol=2e-7)
+    torch.testing.assert_close(second, second_reference, rtol=0, atol=2e-7)
+
+
+def test_softplus_other_dtypes_use_torch():
+    inputs = torch.randn(64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+
+    assert torch.equal(Softplus()(inputs), F.softplus(inputs))
 
 
 # ---------------------------------------------------------------- presets

@@ -133,7 +133,7 @@ def test_default_run_reports_figures(mnist_run):
     output_dir, result = mnist_run
     results = json.loads((output_dir / "training_results.json").read_text())
     assert results["global_step"] == 4
-    assert results["nfe_per_denoising_step"] == 2 * 5  # verlet, 1 step: 2 evaluations x 5 dynamic blocks
+    assert results["nfe_per_denoising_step"] == 5  # semi-implicit Euler, 1 step: 1 evaluation x 5 dynamic blocks
     assert 0.0 <= results["digit_confident_share"] <= 1.0
     assert 0 <= results["digit_num_classes"] <= 10
     assert "Digit classifier:" in result.stderr

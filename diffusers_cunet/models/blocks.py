@@ -9,8 +9,49 @@ from torch import nn
 from ..ode import ODESolverSettings, solve_second_order
 
 
+class _Float32SoftplusFunction(torch.autograd.Function):
+    """softplus(x) = max(x, 0) + log(1 + exp(-|x|)), with the gradient sigmoid(x)."""
+
+    @staticmethod
+    def forward(ctx, input: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(input)
+        # The in-place passes reuse one fresh tensor. For x > 17, exp(-x) is below float32's resolution next
+        # to 1, so the result is exactly x, as with the default threshold of 20.
+        output = input.abs().neg_().exp_().add_(1.0).log_()
+        return output.add_(input.clamp_min(0.0))
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
+        (input,) = ctx.saved_tensors
+        return grad_output * torch.sigmoid(input)
+
+
+class Softplus(nn.Softplus):
+    """`nn.Softplus` with a faster path for float32 CPU tensors at the default beta and threshold.
+
+    ATen's CPU softplus calls `log1p`, which runs several times slower than `log` (torch 2.14). In a
+    `torch.profiler` run of `thesis_cunet` (32x32, batch 64, one thread), softplus took a quarter of the
+    forward time. The fast path computes the same function with
+    `log(1 + z)` for z = exp(-|x|) in (0, 1]. On a dense grid over [-120, 120] it differs from `F.softplus`
+    by at most 1.2e-7 absolutely for outputs below 1, and by at most 6e-7 relatively for outputs of 0.1 and
+    more. Other dtypes and devices, other parameters and `torch.compile` (which fuses the op by itself) use
+    `nn.Softplus` unchanged.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if (
+            input.dtype != torch.float32
+            or input.device.type != "cpu"
+            or self.beta != 1.0
+            or self.threshold != 20.0
+            or torch.compiler.is_compiling()
+        ):
+            return super().forward(input)
+        return _Float32SoftplusFunction.apply(input)
+
+
 NONLINEARITIES = {
-    "softplus": nn.Softplus,
+    "softplus": Softplus,
     "silu": nn.SiLU,
     "swish": nn.SiLU,
     "gelu": nn.GELU,

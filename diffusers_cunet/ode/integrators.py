@@ -71,8 +71,8 @@ class ExplicitRungeKutta(FixedStepIntegrator):
     def step(self, acceleration, s0, ds, x, v):
         # Stage slopes of y = (x, v): the slope of x is the stage velocity, the slope of v the
         # stage acceleration. Zero tableau entries are skipped at trace time. Each update is one
-        # `torch.add(..., alpha=...)` rather than a multiply and an add: at large batches these
-        # memory-bound passes over the state are a sizeable share of a forward pass on CPU.
+        # `torch.add(..., alpha=...)` rather than a multiply and an add, because at large batches these
+        # memory-bound passes over the state cost several percent of a forward pass on CPU.
         velocity_slopes: list[torch.Tensor] = []
         acceleration_slopes: list[torch.Tensor] = []
         for stage, (row, node) in enumerate(zip(self.tableau, self.nodes)):
