@@ -342,7 +342,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--thesis-sample-size", type=int, default=32,
         help="Resolution of the thesis_cunet preset, with one input channel (default 32; 64 is the preset's own).",
     )
-    parser.add_argument("--repeats", type=int, help=f"Timed rounds per table block (default: 5, 3 at batch >= {LARGE_BATCH}).")
+    parser.add_argument(
+        "--repeats", type=int, help=f"Timed rounds per table block (default: 15, or 3 at batch >= {LARGE_BATCH})."
+    )
     parser.add_argument("--max-seconds", type=float, default=240.0, help="Stop adding timed rounds after this many seconds.")
     parser.add_argument(
         "--min-call-seconds", type=float, default=0.02,
@@ -362,7 +364,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             return 0, 1
         if args.repeats is not None:
             return 1, args.repeats
-        return 1, 3 if batch >= LARGE_BATCH else 5
+        # Batch-1 rounds take about a second, and under load their medians need many rounds to settle.
+        return 1, 3 if batch >= LARGE_BATCH else 15
 
     args.repeats_for = repeats_for
     return args

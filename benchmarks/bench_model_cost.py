@@ -63,7 +63,6 @@ QUICK_BATCHES = (1, 2)
 # cores and the one-off setup of a new shape costs little next to that.
 FULL_REPEATS = {1: (2, 5), 16: (0, 3), 64: (0, 1)}
 QUICK_REPEATS = {1: (1, 1), 2: (0, 1)}
-CONV_REPEATS = 5
 CONV_CALL_SECONDS = 0.05
 # The quick mode shrinks the widths of both presets, so a smoke test runs every code path in seconds.
 QUICK_OVERRIDES = {
@@ -230,45 +229,40 @@ def calibrate_loops(function, target_seconds: float) -> int:
     return max(1, round(target_seconds / seconds))
 
 
-def reference_conv_rates(shape: tuple[int, int, int, int], batches, seed: int) -> dict[int, tuple[float, float]]:
-    """Return {batch: (forward GFLOP/s, forward+backward GFLOP/s)} of a plain 3x3 conv with `shape`."""
+def reference_conv_candidates(shape: tuple[int, int, int, int], batch: int, seed: int) -> dict[str, tuple]:
+    """Return {kind: (timed closure, FLOPs per closure call)} for a plain 3x3 conv with `shape` at `batch`.
+
+    The kinds are `forward` and `forward+backward`. A single conv can take microseconds, where one preemption by
+    another process would dominate the median, so each closure loops the conv for about CONV_CALL_SECONDS.
+    """
     in_channels, out_channels, height, width = shape
     torch.manual_seed(seed)
     conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
-    rates = {}
-    for batch in batches:
-        inputs = torch.randn(batch, in_channels, height, width)
-        # Interior layers of a network compute the gradient of their input too, so the input needs one.
-        inputs_with_grad = inputs.clone().requires_grad_(True)
+    inputs = torch.randn(batch, in_channels, height, width)
+    # Interior layers of a network compute the gradient of their input too, so the input needs one.
+    inputs_with_grad = inputs.clone().requires_grad_(True)
 
-        def forward() -> None:
-            with torch.no_grad():
-                conv(inputs)
+    def forward() -> None:
+        with torch.no_grad():
+            conv(inputs)
 
-        def forward_backward() -> None:
-            conv(inputs_with_grad).sum().backward()
-            conv.zero_grad(set_to_none=True)
-            inputs_with_grad.grad = None
+    def forward_backward() -> None:
+        conv(inputs_with_grad).sum().backward()
+        conv.zero_grad(set_to_none=True)
+        inputs_with_grad.grad = None
 
-        forward_flops = 2 * in_channels * out_channels * 9 * height * width * batch
-        # Backward computes the input gradient and the weight gradient, each as many FLOPs as the forward.
-        forward_backward_flops = 3 * forward_flops
-        # A single conv can take microseconds, where one preemption by another process would dominate the
-        # median, so each timed call loops until it lasts about CONV_CALL_SECONDS.
-        forward_loops = calibrate_loops(forward, CONV_CALL_SECONDS)
-        forward_backward_loops = calibrate_loops(forward_backward, CONV_CALL_SECONDS)
-        timings = measure_interleaved(
-            {
-                "forward": lambda: [forward() for _ in range(forward_loops)],
-                "forward+backward": lambda: [forward_backward() for _ in range(forward_backward_loops)],
-            },
-            warmup=1, repeats=CONV_REPEATS, description=f"conv {shape} batch {batch}",
-        )
-        rates[batch] = (
-            forward_flops * forward_loops / median(timings["forward"]) / 1e9,
-            forward_backward_flops * forward_backward_loops / median(timings["forward+backward"]) / 1e9,
-        )
-    return rates
+    forward_flops = 2 * in_channels * out_channels * 9 * height * width * batch
+    # Backward computes the input gradient and the weight gradient, each as many FLOPs as the forward.
+    forward_backward_flops = 3 * forward_flops
+    forward_loops = calibrate_loops(forward, CONV_CALL_SECONDS)
+    forward_backward_loops = calibrate_loops(forward_backward, CONV_CALL_SECONDS)
+    return {
+        "forward": (lambda: [forward() for _ in range(forward_loops)], forward_flops * forward_loops),
+        "forward+backward": (
+            lambda: [forward_backward() for _ in range(forward_backward_loops)],
+            forward_backward_flops * forward_backward_loops,
+        ),
+    }
 
 
 # --------------------------------------------------------------------------- one resolution
@@ -304,6 +298,8 @@ def benchmark_resolution(size: int, channels: int, batches, repeats, args) -> st
     latencies: dict[tuple[str, str, int], float] = {}
     counts: dict[tuple[str, int], int] = {}
     skipped: list[str] = []
+    conv_shapes = sorted({stats[name]["conv_shape"] for name in models})
+    conv_rates: dict[tuple, dict[int, list[float]]] = {shape: {} for shape in conv_shapes}
     for batch in batches:
         warmup, timed = repeats[batch]
         workloads = {name: make_workload(model, size, channels, batch, args.seed) for name, model in models.items()}
@@ -320,17 +316,26 @@ def benchmark_resolution(size: int, channels: int, batches, repeats, args) -> st
                 f"{available / 2**30:.1f} GiB available"
             )
             logger.warning(skipped[-1])
+        # The reference convs run in the same rounds as the models, so load drift moves both sides of the
+        # "% of plain conv" ratios alike.
+        conv_flops = {}
+        for shape in conv_shapes:
+            for kind, (closure, flops) in reference_conv_candidates(shape, batch, args.seed).items():
+                candidates[f"conv|{shape}|{kind}"] = closure
+                conv_flops[(shape, kind)] = flops
         logger.info("%s batch %d: %d warm-up and %d timed rounds", label, batch, warmup, timed)
         timings = measure_interleaved(
             candidates, warmup, timed, max_seconds=args.max_seconds, description=f"{label} batch {batch}"
         )
+        for shape in conv_shapes:
+            conv_rates[shape][batch] = [
+                conv_flops[(shape, kind)] / median(timings.pop(f"conv|{shape}|{kind}")) / 1e9
+                for kind in ("forward", "forward+backward")
+            ]
         for key, values in timings.items():
             name, kind = key.split("|")
             latencies[(name, kind, batch)] = median(values)
             counts[(kind, batch)] = len(values)
-
-    conv_shapes = {stats[name]["conv_shape"] for name in models}
-    conv_rates = {shape: reference_conv_rates(shape, batches, args.seed) for shape in sorted(conv_shapes)}
 
     return render_resolution(label, stats, latencies, counts, skipped, conv_rates, batches)
 
@@ -422,9 +427,9 @@ How the numbers are measured:
 - Latency: median wall time of interleaved calls (cU-Net and U-Net alternate within each round). A forward pass
   runs in eval mode under `torch.no_grad()`. A training step is forward, MSE loss, backward, AdamW step.
 - Plain conv: one `nn.Conv2d` 3x3 with the input/output channels and resolution of the 3x3 conv shape that has
-  the largest FLOP share in each model, timed at each batch size (median of 5 interleaved calls, each a loop of
-  about 50 ms). Forward+backward computes the input and weight gradients (3x the forward FLOPs). "% of plain
-  conv" is the model's achieved GFLOP/s over that conv's GFLOP/s at the same batch.
+  the largest FLOP share in each model, timed at each batch size in the same interleaved rounds as the models
+  (each call a loop of about 50 ms). Forward+backward computes the input and weight gradients (3x the forward
+  FLOPs). "% of plain conv" is the model's achieved GFLOP/s over that conv's GFLOP/s at the same batch.
 """
 
 

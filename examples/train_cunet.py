@@ -245,7 +245,7 @@ def create_accelerator(args: argparse.Namespace) -> Accelerator:
     output_dir = Path(args.output_dir)
     project_config = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir))
     # On a machine without CUDA, accelerate 1.16 forms one gloo process group across the launched
-    # processes only when `cpu=True`; without it, each process silently trains alone.
+    # processes only when `cpu=True`. Without it, each process silently trains alone.
     cpu_only = not torch.cuda.is_available()
     return Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -470,7 +470,7 @@ def generate_samples(args, state: TrainingSetup, num_images: int, seed: int) -> 
     try:
         pipeline = ContinuousUNetPipeline(unet=model, scheduler=sampling_scheduler(args, state.noise_scheduler))
         pipeline.set_progress_bar_config(disable=True)
-        # In-training sampling never asks for more steps than the noise scheduler has.
+        # In-training sampling never requests more steps than the noise scheduler has.
         steps = min(args.ddpm_num_inference_steps, args.ddpm_num_steps)
         class_labels = None
         if state.num_classes:
@@ -505,7 +505,7 @@ def save_image_grid(images: torch.Tensor, path: Path) -> None:
 
 
 def export_model(args, state: TrainingSetup):
-    """A standalone copy of the model holding the EMA weights (or the training weights without EMA)."""
+    """Copy the model into a standalone one with the EMA weights (or the training weights without EMA)."""
     model = state.accelerator.unwrap_model(state.model)
     exported = type(model).from_config(model.config)
     exported.load_state_dict(model.state_dict())
@@ -598,13 +598,17 @@ def main(args: argparse.Namespace) -> dict:
     accelerator.wait_for_everyone()
     set_seed(args.seed)
     if accelerator.device.type == "cpu":
-        # `accelerate launch` sets OMP_NUM_THREADS=1 unless told otherwise, which leaves all but one core idle.
+        # `accelerate launch` sets OMP_NUM_THREADS=1 by default, which leaves all but one core idle.
         threads = args.num_cpu_threads or max(1, (os.cpu_count() or 1) // accelerator.state.num_processes)
         torch.set_num_threads(threads)
 
     state = setup(args, accelerator)
     if accelerator.is_main_process and args.logger != "none":
-        tracker_config = {key: value for key, value in vars(args).items() if isinstance(value, (int, float, str, bool))}
+        # The Hub token never reaches the tracker's files.
+        tracker_config = {
+            key: value for key, value in vars(args).items()
+            if isinstance(value, (int, float, str, bool)) and key != "hub_token"
+        }
         accelerator.init_trackers("train_cunet", config=tracker_config)
     log_banner(args, state)
 
@@ -622,12 +626,15 @@ def main(args: argparse.Namespace) -> dict:
     for epoch in range(first_epoch, state.num_epochs):
         if global_step >= state.max_train_steps:
             break
-        state.dataset.set_epoch(epoch)
-        state.sampler.set_epoch(epoch)
         model.train()
         loader = state.dataloader
         if epoch == first_epoch and resume_batches:
             loader = accelerator.skip_first_batches(loader, resume_batches)
+        # accelerate's loaders set the sampler's and dataset's epoch from their own iteration counter
+        # when iterated, which restarts at 0 in a resumed run, so the epoch is set on the loader itself.
+        loader.set_epoch(epoch)
+        state.dataset.set_epoch(epoch)
+        state.sampler.set_epoch(epoch)
         for batch in loader:
             generator = step_generator(args.seed, global_step, accelerator.process_index, micro_step)
             micro_step = (micro_step + 1) % args.gradient_accumulation_steps

@@ -676,7 +676,9 @@ def test_compile_fullgraph_no_graph_break(solver):
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     output = run_model(compiled, sample)
 
-    torch.testing.assert_close(output, expected, rtol=0, atol=1e-6)
+    # Under tracing, softplus takes ATen's kernel instead of the eager float32 fast path, which
+    # differs by up to about 1e-6, so the tolerance is 1e-5.
+    torch.testing.assert_close(output, expected, rtol=0, atol=1e-5)
     assert model.nfe.total == model.solver_settings.fixed_nfe() * len(model.dynamic_blocks)
 
 

@@ -135,7 +135,7 @@ class DynamicBlock(nn.Module):
     """Map a feature map h to x(1), where x(0) = h, v(0) = g(h), dx/ds = v, dv/ds = a(x, v, s, emb).
 
     The solver settings are assigned by the owning model (`solver_settings`), so that
-    `set_ode_solver` changes every block at once. After each call, `last_nfe` holds the number of
+    `set_ode_solver` changes every block at once. After each call, `last_nfe` is the number of
     acceleration evaluations of that call.
     """
 
