@@ -22,7 +22,7 @@ from common import write_section  # noqa: E402
 
 
 def run_benchmark(script: str, *extra: str) -> str:
-    """Run a benchmark script with --quick --no-write and return its stdout; RESULTS.md must stay unchanged."""
+    """Run a benchmark script with --quick --no-write, check that RESULTS.md is unchanged, and return stdout."""
     results = BENCHMARKS / "RESULTS.md"
     before = results.read_bytes() if results.exists() else None
     command = [sys.executable, str(BENCHMARKS / script), "--quick", "--no-write", *extra]
@@ -131,7 +131,7 @@ def test_sampling_quick_table_with_pipeline(tiny_pipeline):
     for scheduler in ("DDPM", "DDIM", "DPM-Solver++", "UniPC"):
         for steps in ("2", "5"):
             assert (scheduler, steps) in scheduler_rows, f"missing row {scheduler} {steps}"
-    # Above --measure-steps-up-to (2 in quick mode) only DDIM is measured; the others are marked estimates.
+    # Above --measure-steps-up-to (2 in quick mode) only DDIM is measured, and the others are marked estimates.
     assert scheduler_rows[("DDIM", "5")][2][0].isdigit()
     assert scheduler_rows[("UniPC", "5")][2].startswith("~")
     assert set(knob_rows) == {

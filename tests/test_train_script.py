@@ -16,6 +16,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "examples" / "train_cunet.py"
 
