@@ -265,6 +265,22 @@ def target_rows(preset_name: str, batch: int, summary: dict) -> list[list[str]]:
 # --------------------------------------------------------------------------- torch.compile
 
 
+def fresh_compile_cache():
+    """Return a context manager with an empty inductor cache, so the compile time is that of a first compile.
+
+    Without it, a second run of this script reuses the kernels that the first one wrote under /tmp and reports a
+    compile time of seconds instead of a minute. `fresh_cache` is a private helper of torch's own tests.
+    """
+    from torch._inductor import utils as inductor_utils
+
+    fresh_cache = getattr(inductor_utils, "fresh_cache", None)
+    if fresh_cache is None:
+        # NOTE: a torch without `fresh_cache` may reuse cached kernels, which shortens the compile time.
+        logger.warning("torch._inductor.utils.fresh_cache not found; the compile time may come from a warm cache")
+        return contextlib.nullcontext()
+    return fresh_cache()
+
+
 def benchmark_compile(preset: Preset, batches, args) -> list[list[str]]:
     """Time eager vs `torch.compile` (inductor, static shapes) for the native backend, with compile time apart."""
     torch.manual_seed(args.seed)
@@ -278,10 +294,6 @@ def benchmark_compile(preset: Preset, batches, args) -> list[list[str]]:
         timesteps = torch.full((batch,), TIMESTEP)
         compiled = torch.compile(eager, dynamic=False)
         logger.info("Compiling %s (%s, native) for batch %d; inductor on CPU can take minutes", preset.name, args.compile_solver, batch)
-        with torch.no_grad():
-            start = time.perf_counter()
-            compiled(sample, timesteps)
-            compile_seconds = time.perf_counter() - start
 
         def run(model):
             def forward():
@@ -289,11 +301,17 @@ def benchmark_compile(preset: Preset, batches, args) -> list[list[str]]:
                     model(sample, timesteps)
             return forward
 
-        warmup, repeats = args.repeats_for(batch, preset)
-        timings = measure_interleaved(
-            {"eager": run(eager), "compiled": run(compiled)}, max(1, warmup), repeats,
-            max_seconds=args.max_seconds, description=f"compile {preset.name} batch {batch}",
-        )
+        with fresh_compile_cache():
+            with torch.no_grad():
+                start = time.perf_counter()
+                compiled(sample, timesteps)
+                compile_seconds = time.perf_counter() - start
+
+            warmup, repeats = args.repeats_for(batch, preset)
+            timings = measure_interleaved(
+                {"eager": run(eager), "compiled": run(compiled)}, max(1, warmup), repeats,
+                max_seconds=args.max_seconds, description=f"compile {preset.name} batch {batch}",
+            )
         eager_seconds, compiled_seconds = median(timings["eager"]), median(timings["compiled"])
         rows.append([
             preset.name, batch, args.compile_solver, format_number(compile_seconds),
@@ -329,8 +347,8 @@ How the numbers are measured:
   when an evaluation costs more inside a forward pass than alone in a loop (for example because its inputs are
   no longer in cache), which the subtraction formula counts as loop overhead.
 - vs torchdiffeq: torchdiffeq's forward time for the same method divided by this row's forward time.
-- torch.compile: `torch.compile(model, dynamic=False)` with the inductor backend, one compile per batch size;
-  the compile time is the first call.
+- torch.compile: `torch.compile(model, dynamic=False)` with the inductor backend, one compile per batch size.
+  The compile time is the first call, with an empty inductor cache.
 """
 
 

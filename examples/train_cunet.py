@@ -320,7 +320,18 @@ def setup(args: argparse.Namespace, accelerator: Accelerator) -> TrainingSetup:
 
     num_classes = None
     if args.class_conditional:
-        num_classes = args.num_class_embeds or cunet_data.get_num_classes(dataset, label_column)
+        if label_column is None:
+            raise ValueError(
+                f"Class-conditional training needs a label column, but the dataset has only {dataset.column_names}; "
+                "pass --label_column or drop --class_conditional/--num_class_embeds."
+            )
+        dataset_classes = cunet_data.get_num_classes(dataset, label_column)
+        if args.num_class_embeds is not None and args.num_class_embeds < dataset_classes:
+            raise ValueError(
+                f"--num_class_embeds={args.num_class_embeds} is smaller than the {dataset_classes} classes in column "
+                f"{label_column!r}; pass --num_class_embeds {dataset_classes} or leave it unset."
+            )
+        num_classes = args.num_class_embeds or dataset_classes
 
     transform = SeededImageTransform(
         resolution=args.resolution, channels=channels, center_crop=args.center_crop,
@@ -611,6 +622,14 @@ def main(args: argparse.Namespace) -> dict:
         }
         accelerator.init_trackers("train_cunet", config=tracker_config)
     log_banner(args, state)
+
+    if args.push_to_hub and accelerator.is_main_process:
+        # Create the repo before training, so a bad token or an unreachable Hub fails in seconds.
+        from huggingface_hub import create_repo
+
+        args.hub_model_id = create_repo(
+            args.hub_model_id, exist_ok=True, private=args.hub_private_repo, token=args.hub_token
+        ).repo_id
 
     global_step = resume(args, state)
     first_epoch = global_step // state.num_update_steps_per_epoch

@@ -326,3 +326,23 @@ def test_resume_from_missing_checkpoint_rejected(tmp_path):
                     str(tmp_path / "checkpoint-99"), check=False)
     assert result.returncode != 0
     assert "checkpoint-99" in result.stderr
+
+
+def test_class_conditional_without_labels_rejected(tmp_path, rgb_folder):
+    result = launch(tmp_path / "no_labels", "--train_data_dir", str(rgb_folder), "--max_train_steps", "2",
+                    "--class_conditional", check=False)
+    assert result.returncode != 0
+    assert "needs a label column" in result.stderr
+    assert "Running training" not in result.stderr
+
+
+def test_corrupt_image_named_in_error(tmp_path, rgb_folder):
+    folder = tmp_path / "with_corrupt"
+    folder.mkdir()
+    for path in sorted(rgb_folder.glob("*.png"))[:8]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    good = (folder / "photo0_0.png").read_bytes()
+    (folder / "zz_truncated.png").write_bytes(good[: len(good) // 2])
+    result = launch(tmp_path / "corrupt", "--train_data_dir", str(folder), "--max_train_steps", "4", check=False)
+    assert result.returncode != 0
+    assert "zz_truncated.png" in result.stderr

@@ -95,12 +95,33 @@ class SeededTrainingDataset(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict:
-        row = self.dataset[int(index)]
         generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, int(index))) & 0x7FFF_FFFF_FFFF)
-        item = {"input": self.transform(row[self.image_column], generator)}
+        try:
+            row = self.dataset[int(index)]
+            image = row[self.image_column]
+            item = {"input": self.transform(image, generator)}
+        except (OSError, SyntaxError, ValueError) as error:
+            # Images are decoded lazily, so a corrupt file only fails here, mid-training. Name it.
+            source = self._describe_source(index)
+            raise RuntimeError(
+                f"Failed to read training image {source!r} (dataset index {index}): {error}. "
+                "Remove or re-encode the file and restart with --resume_from_checkpoint latest."
+            ) from error
         if self.label_column is not None:
             item["class_labels"] = torch.tensor(int(row[self.label_column]))
         return item
+
+
+    def _describe_source(self, index: int) -> str:
+        """Return the file path of row `index` without decoding it, or `row N` when there is none."""
+        import datasets
+
+        try:
+            undecoded = self.dataset.cast_column(self.image_column, datasets.Image(decode=False))
+            path = undecoded[int(index)][self.image_column].get("path")
+        except (TypeError, ValueError, KeyError, AttributeError):
+            path = None
+        return path or f"row {index}"
 
 
 class EpochSeededSampler(torch.utils.data.Sampler):
