@@ -139,7 +139,9 @@ class ContinuousUNet2DModel(ModelMixin, ConfigMixin):
 
         # 0. Validate the config before building anything
         widths = list(block_out_channels)
-        mid_width = mid_block_channels if mid_block_channels is not None else (widths[-1] if widths else 0)
+        mid_width = mid_block_channels
+        if mid_width is None:
+            mid_width = widths[-1] if widths else 0
         resolved_attention_levels = self._validate_config(
             sample_size, in_channels, out_channels, widths, mid_width, attention_levels, attention_head_dim,
             time_embedding_dim, norm_num_groups, nonlinearity, dropout, num_class_embeds, use_attention,
@@ -307,8 +309,8 @@ class ContinuousUNet2DModel(ModelMixin, ConfigMixin):
         )
         self.solver_settings = settings
         self._assign_solver_settings()
-        # The last count describes the old settings; until the next eager forward pass (and under
-        # `torch.compile`, which does not record counts) `nfe` derives the count from the new ones.
+        # The last count describes the old settings. Until the next eager forward pass, and always under
+        # `torch.compile` (which records no counts), `nfe` derives the count from the new settings.
         self._last_nfe = None
         self.register_to_config(
             ode_solver=settings.solver, ode_steps=settings.steps, ode_rtol=settings.rtol,
@@ -352,7 +354,7 @@ class ContinuousUNet2DModel(ModelMixin, ConfigMixin):
     def _scheduled_steps(self, timesteps: torch.Tensor) -> int | None:
         if self.step_schedule is None:
             return None
-        # The batch's noisiest sample decides, so no sample gets fewer steps than its timestep asks for.
+        # The batch's noisiest sample decides, so no sample gets fewer steps than its timestep requests.
         largest = float(timesteps.max())
         steps = None
         for min_timestep, scheduled in self.step_schedule:
@@ -523,7 +525,7 @@ class ContinuousUNet2DModel(ModelMixin, ConfigMixin):
         solver = self.solver_settings.solver
         if not bool(torch.isfinite(sample).all()):
             raise NonFiniteStateError(
-                f"The input sample holds NaN or inf values, so the output does too (ode_solver={solver!r}); "
+                f"The input sample contains NaN or inf values, so the output does too (ode_solver={solver!r}); "
                 "check the data and the scheduler."
             )
         culprit = next(

@@ -41,7 +41,7 @@ class NonFiniteStateError(ODESolverError):
 
 @dataclass(frozen=True)
 class ODESolverSettings:
-    """How a dynamic block is solved over the ODE time s in [0, 1].
+    """Solver settings of a dynamic block, which is solved over the ODE time s in [0, 1].
 
     Args:
         solver (`str`): A fixed-step method (`euler`, `semi_implicit_euler`, `midpoint`, `heun`,

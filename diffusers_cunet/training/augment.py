@@ -1,4 +1,4 @@
-"""Seeded image preprocessing for training, so that a resumed run sees exactly the same batches.
+"""Seeded image preprocessing for training, so that a resumed run gets exactly the same batches.
 
 Random crops and flips draw from a generator seeded by (seed, epoch, sample index) instead of the
 global RNG: a run resumed from a checkpoint reproduces the uninterrupted run whatever the data
@@ -101,7 +101,7 @@ class SeededTrainingDataset(torch.utils.data.Dataset):
             image = row[self.image_column]
             item = {"input": self.transform(image, generator)}
         except (OSError, SyntaxError, ValueError) as error:
-            # Images are decoded lazily, so a corrupt file only fails here, mid-training. Name it.
+            # `datasets` decodes images lazily, so a corrupt file fails here, mid-training. The error names the file.
             source = self._describe_source(index)
             raise RuntimeError(
                 f"Failed to read training image {source!r} (dataset index {index}): {error}. "
