@@ -157,6 +157,21 @@ def test_sampling_without_pipeline_skips_quality(tmp_path):
     assert "| rk4 x 1 |" in output
 
 
+@pytest.mark.slow
+def test_train_step_quick_table():
+    output = run_benchmark("bench_train_step.py")
+    rows = {row[0]: row[1:] for row in table_rows(output) if row[0] != "variant"}
+
+    assert_provenance(output, "bench_train_step.py")
+    assert set(rows) == {"float32", "bf16"}
+    assert rows["float32"][2] == "1.00x"
+    for name, cells in rows.items():
+        assert float(cells[0].replace(",", "")) > 0, name
+        assert float(cells[1].replace(",", "")) > 0, name
+        assert cells[2].endswith("x"), name
+    assert "bf16 kernels (oneDNN): " in output
+
+
 def test_write_section_replaces_only_its_section(tmp_path):
     results = tmp_path / "RESULTS.md"
 

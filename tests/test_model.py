@@ -469,8 +469,9 @@ def test_bf16_weights_and_input():
     assert max_relative_error(output, reference) < 0.5
 
 
-# RMSNorm keeps float32 weights under autocast, so torch warns that it cannot use its fused bf16 kernel.
-@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight:UserWarning")
+# The attention's RMSNorm runs in float32 under autocast, so torch's warning about a bf16 input with a
+# float32 weight must not appear.
+@pytest.mark.filterwarnings("error:Mismatch dtype between input and weight:UserWarning")
 def test_bf16_autocast_float32_weights():
     model = build_model()
     sample = random_sample(2, 1, 8, 8)
@@ -731,8 +732,20 @@ def test_fast_softplus_gradients_match_torch():
     torch.testing.assert_close(second, second_reference, rtol=0, atol=2e-7)
 
 
+def test_fast_softplus_bf16_uses_float32():
+    inputs = (torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 8).to(torch.bfloat16).requires_grad_(True)
+
+    output = Softplus()(inputs)
+    (gradient,) = torch.autograd.grad(output.float().sum(), inputs)
+
+    assert output.dtype == gradient.dtype == torch.bfloat16
+    reference = F.softplus(inputs.detach().float())
+    torch.testing.assert_close(output.float(), reference, rtol=2**-8, atol=2**-8)
+    torch.testing.assert_close(gradient.float(), torch.sigmoid(inputs.detach().float()), rtol=2**-8, atol=2**-8)
+
+
 def test_softplus_other_dtypes_use_torch():
-    inputs = torch.randn(64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    inputs = torch.randn(64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
     assert torch.equal(Softplus()(inputs), F.softplus(inputs))
 

@@ -192,6 +192,27 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     assert resumed_ema["decay"] == straight_ema["decay"]
 
 
+def test_resume_other_settings_rejected(tmp_path):
+    output_dir = tmp_path / "changed"
+    launch(output_dir, "--max_train_steps", "4", "--exit_after_steps", "2", "--no-evaluate_digits")
+    settings = json.loads((output_dir / "checkpoint-2" / "run_settings.json").read_text())
+    assert settings["must_match"]["model_config"]["ode_solver"] == "semi_implicit_euler"
+
+    result = launch(output_dir, "--max_train_steps", "4", "--resume_from_checkpoint", "latest", "--no-evaluate_digits",
+                    "--ode_solver", "rk4", "--prediction_type", "epsilon", check=False)
+    assert result.returncode != 0
+    assert "model_config.ode_solver: checkpoint 'semi_implicit_euler', this run 'rk4'" in result.stderr
+    assert "prediction_type: checkpoint 'v_prediction', this run 'epsilon'" in result.stderr
+    assert "Running training" not in result.stderr
+    assert not (output_dir / "checkpoint-4").exists()
+
+    # A new seed only changes the path of the run: it resumes, with a warning.
+    resumed = launch(output_dir, "--max_train_steps", "4", "--resume_from_checkpoint", "latest", "--no-evaluate_digits",
+                     "--seed", "7")
+    assert "seed was 0 in checkpoint-2 and is 7 now" in resumed.stderr
+    assert (output_dir / "checkpoint-4").is_dir()
+
+
 def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     output_dir = tmp_path / "accumulate"
     launch(output_dir, "--max_train_steps", "2", "--gradient_accumulation_steps", "2", "--no-evaluate_digits")
@@ -208,6 +229,27 @@ def test_bf16_run_on_cpu(tmp_path):
     assert np.isfinite(results["final_loss"])
     weights = load_file(output_dir / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(tensor.dtype == torch.float32 for tensor in weights.values())
+
+
+def test_mixed_precision_auto(monkeypatch):
+    train_cunet = load_script_module()
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    native_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    expected = "bf16" if native_bf16 and not torch.cuda.is_available() else None
+    if expected is not None:
+        assert train_cunet.resolve_mixed_precision("auto") == expected
+    # An explicit choice wins, and accelerate's own fp16/bf16 setting is kept.
+    assert train_cunet.resolve_mixed_precision("no") == "no"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    assert train_cunet.resolve_mixed_precision("auto") == "fp16"
+    assert train_cunet.resolve_mixed_precision("bf16") == "bf16"
+
+
+def test_default_run_mixed_precision_is_logged(mnist_run):
+    _, result = mnist_run
+    native_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    expected = "bf16" if native_bf16 else "no"
+    assert f"Mixed precision = {expected}" in result.stderr
 
 
 def test_rgb_image_folder_run(tmp_path, rgb_folder):

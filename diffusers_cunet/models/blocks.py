@@ -31,7 +31,8 @@ class Softplus(nn.Softplus):
 
     ATen's CPU softplus calls `log1p`, which runs several times slower than `log` (torch 2.14). In a
     `torch.profiler` run of `thesis_cunet` (32x32, batch 64, one thread), softplus took a quarter of the
-    forward time. The fast path computes the same function with
+    forward time. The fast path (also taken by bfloat16 and float16 CPU tensors, computed in float32)
+    computes the same function with
     `log(1 + z)` for z = exp(-|x|) in (0, 1]. On a dense grid over [-120, 120] it differs from `F.softplus`
     by at most 1.2e-7 absolutely for outputs below 1, and by at most 6e-7 relatively for outputs of 0.1 and
     more. Other dtypes and devices, other parameters and `torch.compile` (which fuses the op by itself) use
@@ -40,14 +41,20 @@ class Softplus(nn.Softplus):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if (
-            input.dtype != torch.float32
+            input.dtype not in _FAST_SOFTPLUS_DTYPES
             or input.device.type != "cpu"
             or self.beta != 1.0
             or self.threshold != 20.0
             or torch.compiler.is_compiling()
         ):
             return super().forward(input)
+        if input.dtype != torch.float32:
+            # ATen's bfloat16 CPU softplus is slower still, so the float32 path with two casts costs far less.
+            return _Float32SoftplusFunction.apply(input.float()).to(input.dtype)
         return _Float32SoftplusFunction.apply(input)
+
+
+_FAST_SOFTPLUS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 NONLINEARITIES = {
@@ -211,7 +218,10 @@ class SpatialSelfAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = hidden_states.shape
-        normed = self.norm(hidden_states.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        # The norm runs in float32, also for bf16/fp16 inputs or weights and under autocast.
+        normed = F.rms_norm(
+            hidden_states.permute(0, 2, 3, 1).float(), (channels,), self.norm.weight.float(), self.norm.eps
+        ).permute(0, 3, 1, 2).to(hidden_states.dtype)
 
         query, key, value = self.to_qkv(normed).chunk(3, dim=1)
         # (batch, heads, height * width, head_dim)
@@ -219,8 +229,15 @@ class SpatialSelfAttention(nn.Module):
             tensor.reshape(batch, self.num_heads, channels // self.num_heads, height * width).transpose(-1, -2)
             for tensor in (query, key, value)
         )
-        attended = F.scaled_dot_product_attention(
-            query, key, value, dropout_p=self.dropout if self.training else 0.0
-        )
+        dropout_p = self.dropout if self.training else 0.0
+        if query.device.type == "cpu" and query.dtype != torch.float32:
+            # On a CPU, bfloat16 attention runs slower than float32 (torch 2.14), so it runs in float32 there,
+            # also under autocast.
+            with torch.autocast("cpu", enabled=False):
+                attended = F.scaled_dot_product_attention(
+                    query.float(), key.float(), value.float(), dropout_p=dropout_p
+                ).to(query.dtype)
+        else:
+            attended = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p)
         attended = attended.transpose(-1, -2).reshape(batch, channels, height, width)
         return hidden_states + self.to_out(attended)

@@ -1,7 +1,14 @@
 """Training helpers shared by `examples/train_cunet.py` and the tests."""
 
 from .augment import EpochSeededSampler, SeededImageTransform, SeededTrainingDataset
-from .checkpoints import checkpoint_step, list_checkpoints, resolve_checkpoint, save_checkpoint_atomically
+from .checkpoints import (
+    check_run_settings,
+    checkpoint_step,
+    list_checkpoints,
+    read_run_settings,
+    resolve_checkpoint,
+    save_checkpoint_atomically,
+)
 from .objectives import PREDICTION_TYPES, diffusion_loss, signal_to_noise_ratio
 
 __all__ = [
@@ -9,9 +16,11 @@ __all__ = [
     "PREDICTION_TYPES",
     "SeededImageTransform",
     "SeededTrainingDataset",
+    "check_run_settings",
     "checkpoint_step",
     "diffusion_loss",
     "list_checkpoints",
+    "read_run_settings",
     "resolve_checkpoint",
     "save_checkpoint_atomically",
     "signal_to_noise_ratio",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -11,6 +12,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+RUN_SETTINGS_NAME = "run_settings.json"
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
@@ -46,11 +48,14 @@ def checkpoint_step(path: str | os.PathLike) -> int:
     return int(match.group(1))
 
 
-def save_checkpoint_atomically(accelerator, output_dir: str | os.PathLike, step: int, total_limit: int | None) -> Path:
+def save_checkpoint_atomically(
+    accelerator, output_dir: str | os.PathLike, step: int, total_limit: int | None, run_settings: dict | None = None
+) -> Path:
     """Save the accelerator state to `checkpoint-<step>` through a temporary folder and a rename.
 
     A crash while writing leaves only a `.tmp-` folder, never a half-written checkpoint that
     `latest` would pick. With `total_limit`, older checkpoints are removed after the new one exists.
+    `run_settings` (see `check_run_settings`) is written next to the state as `run_settings.json`.
     """
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
@@ -61,6 +66,8 @@ def save_checkpoint_atomically(accelerator, output_dir: str | os.PathLike, step:
     accelerator.save_state(str(temporary))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if run_settings is not None:
+            (temporary / RUN_SETTINGS_NAME).write_text(json.dumps(_as_json(run_settings), indent=2, sort_keys=True) + "\n")
         if final.exists():
             shutil.rmtree(final)
         os.replace(temporary, final)
@@ -71,3 +78,57 @@ def save_checkpoint_atomically(accelerator, output_dir: str | os.PathLike, step:
                 shutil.rmtree(stale)
     accelerator.wait_for_everyone()
     return final
+
+
+def _as_json(value):
+    """Round-trip a value through JSON (tuples become lists), so saved and current settings compare equal."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def read_run_settings(checkpoint: str | os.PathLike) -> dict | None:
+    """Return the run settings saved with a checkpoint, or None for a checkpoint written without them."""
+    path = Path(checkpoint) / RUN_SETTINGS_NAME
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def check_run_settings(checkpoint: str | os.PathLike, current: dict) -> list[str]:
+    """Compare a checkpoint's run settings with this run's before resuming from it.
+
+    `current` has two parts. `"must_match"` lists what defines the trained function (the model class and
+    config, the noise schedule, the prediction type). A different value there raises a ValueError that
+    names each setting, both values and the fix. `"may_differ"` lists what changes only the path of the
+    run (seed, batch size, processes, loss weighting). Differences there come back as messages for the
+    caller to log, since the resumed run then no longer equals an uninterrupted one.
+    """
+    saved = read_run_settings(checkpoint)
+    if saved is None:
+        logger.warning("%s has no %s (written by an older version); the run settings cannot be checked.",
+                       checkpoint, RUN_SETTINGS_NAME)
+        return []
+    current = _as_json(current)
+    conflicts = _differences(saved.get("must_match", {}), current.get("must_match", {}))
+    if conflicts:
+        lines = "\n".join(f"  {name}: checkpoint {old!r}, this run {new!r}" for name, old, new in conflicts)
+        raise ValueError(
+            f"{str(checkpoint)!r} was trained with other settings than this run asks for:\n{lines}\n"
+            "Resume with the checkpoint's settings (the same command line it was started with), or start a new run "
+            "in another --output_dir."
+        )
+    return [
+        f"{name} was {old!r} in {Path(checkpoint).name} and is {new!r} now, so this run will not equal an "
+        "uninterrupted one"
+        for name, old, new in _differences(saved.get("may_differ", {}), current.get("may_differ", {}))
+    ]
+
+
+def _differences(saved: dict, current: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    found = []
+    for key in sorted(set(saved) | set(current)):
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            found.extend(_differences(old, new, f"{prefix}{key}."))
+        elif old != new:
+            found.append((f"{prefix}{key}", old, new))
+    return found
