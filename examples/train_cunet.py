@@ -55,8 +55,8 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 # Steps of the default run on the embedded digits, sized so that the whole run ends within 15 minutes
-# on a 2-core AMD EPYC CPU: about 0.235 s per step with bf16 autocast (272 images/s at batch 64, in
-# 1,500-step runs of the mnist_cunet preset), plus about 40 s of start-up, sampling and saving.
+# on a 2-core AMD EPYC CPU. There a bf16 step of the mnist_cunet preset took about 0.235 s at batch 64
+# (272 images/s in 1,500-step runs), and start-up, sampling and saving took about 40 s more.
 DEFAULT_MNIST_STEPS = 3300
 
 
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     optimization.add_argument("--eval_batch_size", type=int, default=64, help="Number of images in each sample grid.")
     optimization.add_argument("--num_epochs", type=int, default=100, help="Epochs, unless --max_train_steps is set.")
     optimization.add_argument("--max_train_steps", type=int, default=None,
-                              help="Optimizer steps to train for; overrides --num_epochs. Default: 2200 on the embedded MNIST data.")
+                              help="Optimizer steps to train for; overrides --num_epochs. Default: 3300 on the embedded MNIST data.")
     optimization.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches per optimizer step.")
     optimization.add_argument("--learning_rate", type=float, default=2e-3, help="Peak learning rate.")
     optimization.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default="cosine", help="Learning-rate schedule.")
@@ -215,6 +215,11 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError("--preset selects a continuous U-Net preset; it does not apply to --model unet.")
     if args.model == "unet" and (args.ode_solver or args.ode_steps or args.ode_adjoint or args.no_attention or args.no_residual):
         raise ValueError("ODE options and ablation switches apply to --model cunet only.")
+    if args.model == "unet" and args.resolution % 8:
+        raise ValueError(
+            f"--resolution={args.resolution} does not divide by 8, which the UNet2DModel baseline's three "
+            "downsamplings need; pass --resolution 32 (digits are padded) or use --model cunet, which takes any size."
+        )
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("--mixed_precision fp16 needs a CUDA GPU; on a CPU use --mixed_precision bf16 or no.")
     if args.push_to_hub and args.hub_model_id is None:
@@ -261,6 +266,12 @@ def resolve_mixed_precision(requested: str) -> str:
 
 def create_accelerator(args: argparse.Namespace) -> Accelerator:
     args.mixed_precision = resolve_mixed_precision(args.mixed_precision)
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        # accelerate on a CPU would silently train in float32 while the card records fp16.
+        raise ValueError(
+            "accelerate's setting asks for fp16 mixed precision, which needs a CUDA GPU; on a CPU pass "
+            "--mixed_precision bf16 or no to the script, or change `accelerate config`."
+        )
     output_dir = Path(args.output_dir)
     project_config = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir))
     # On a machine without CUDA, accelerate 1.16 forms one gloo process group across the launched
@@ -645,6 +656,12 @@ def run_settings(args, state: TrainingSetup) -> dict:
             "timestep_sampling": args.timestep_sampling,
             "snr_gamma": args.snr_gamma,
             "dataset": state.dataset_label,
+            # The optimizer and learning-rate schedule come back from the checkpoint, so new values of
+            # these have no effect on a resumed run.
+            "learning_rate": args.learning_rate,
+            "lr_scheduler": args.lr_scheduler,
+            "lr_warmup_steps": args.lr_warmup_steps,
+            "max_train_steps": state.max_train_steps,
         },
     }
 

@@ -78,6 +78,18 @@ def test_other_seed_or_batch_returns_warnings(tmp_path, accelerator):
     ]
 
 
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"must_match": 3}'])
+def test_corrupt_settings_file_named(tmp_path, accelerator, content):
+    path = save_checkpoint_atomically(accelerator, tmp_path, 2, total_limit=None, run_settings=SETTINGS)
+    (path / "run_settings.json").write_text(content)
+
+    with pytest.raises(ValueError) as error:
+        check_run_settings(path, SETTINGS)
+
+    assert "run_settings.json" in str(error.value)
+    assert "delete it" in str(error.value)
+
+
 def test_checkpoint_without_settings_unchecked(tmp_path, accelerator, caplog):
     path = save_checkpoint_atomically(accelerator, tmp_path, 5, total_limit=None)
 

@@ -320,3 +320,19 @@ def test_remote_code_loader_checks_model_index(standin_path, tmp_path):
         write_remote_code_loader(folder, component="vae", library_name=REGISTERED_PACKAGE, class_name=MODEL_CLASS)
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         write_remote_code_loader(tmp_path / "empty", library_name=REGISTERED_PACKAGE, class_name=MODEL_CLASS)
+
+
+def test_model_card_follows_model_and_ablations():
+    from diffusers_cunet.hub import render_model_card
+
+    results = {"parameters": 10, "sampler": "ddpm x 4 steps"}
+    baseline = str(render_model_card({"model": "unet", "seed": 0}, results, "samples/final.png"))
+    ablated = str(render_model_card({"model": "cunet", "no_attention": True, "no_residual": True}, results, "samples/final.png"))
+    full = str(render_model_card({"model": "cunet"}, results, "samples/final.png"))
+
+    assert "`UNet2DModel`" in baseline
+    assert "set_ode_solver" not in baseline
+    assert "neural ODE" not in baseline
+    assert "self-attention" not in ablated
+    assert "residual path" not in ablated
+    assert "a residual path and self-attention" in full

@@ -245,6 +245,16 @@ def test_mixed_precision_auto(monkeypatch):
     assert train_cunet.resolve_mixed_precision("bf16") == "bf16"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only path")
+def test_accelerate_fp16_on_cpu_rejected(monkeypatch, tmp_path):
+    train_cunet = load_script_module()
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    args = train_cunet.parse_args(["--output_dir", str(tmp_path / "fp16"), "--logger", "none"])
+
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        train_cunet.create_accelerator(args)
+
+
 def test_default_run_mixed_precision_is_logged(mnist_run):
     _, result = mnist_run
     native_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -352,6 +362,7 @@ def test_inference_steps_capped_by_ddpm_steps(tmp_path):
         (["--mixed_precision", "fp16"], "bf16"),
         (["--model", "unet", "--ode_solver", "rk4"], "--model cunet"),
         (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps=0"),
+        (["--model", "unet", "--resolution", "28"], "--resolution=28"),
     ],
 )
 def test_bad_arguments_rejected(argv, message):

@@ -92,12 +92,7 @@ def render_model_card(
             "This model is class-conditional: generate with `diffusers_cunet.pipelines.ContinuousUNetPipeline`, "
             "which takes `class_labels=`."
         )
-    description = (
-        f"{model_kind}: each dynamic block maps a feature map h to x(1), where x(0) = h, v(0) = g(h) (an "
-        "initial-velocity network), dx/ds = v and dv/ds = a(x, v, emb), solved over s in [0, 1]. The "
-        "acceleration field is GroupNorm, 3x3 convolutions, softplus and FiLM from the timestep embedding, "
-        "plus a residual path. The solver can be changed after training with `pipe.unet.set_ode_solver(...)`."
-    )
+    model_summary, description = _describe_model(args, model_kind)
     limitations = (
         "Trained briefly on a small dataset, so samples are less varied than the training data. The training "
         "loss, the digit classifier's verdict and the timings above are single measurements on the stated "
@@ -114,6 +109,40 @@ def render_model_card(
         conditional_note=conditional_note,
         results_table="\n".join(result_rows),
         settings_table="\n".join(settings_rows),
+        model_summary=model_summary,
         model_description=description,
         limitations=limitations,
     )
+
+
+def _describe_model(args: dict, model_kind: str) -> tuple[str, str]:
+    """Return the card's opening sentence and its model section, following the model and ablation options."""
+    if args.get("model") == "unet":
+        summary = (
+            "A denoising diffusion probabilistic model (DDPM) whose denoiser is diffusers' `UNet2DModel` in the "
+            "baseline layout of `diffusers_cunet.presets.thesis_unet`, trained for comparison with the continuous U-Net."
+        )
+        description = (
+            f"{model_kind}: ResNet blocks with a timestep embedding, self-attention at 16x16 and in the mid block. "
+            "It has no ODE solver settings."
+        )
+        return summary, description
+    parts = ["a timestep embedding"]
+    if not args.get("no_residual"):
+        parts.append("a residual path")
+    if not args.get("no_attention"):
+        parts.append("self-attention at the attention levels")
+    features = ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]
+    summary = (
+        "A denoising diffusion probabilistic model (DDPM) whose denoiser is a **continuous U-Net** "
+        "(`diffusers_cunet.ContinuousUNet2DModel`): every block of the U-Net is a second-order neural ODE "
+        f"with {features}."
+    )
+    residual = "" if args.get("no_residual") else ", plus a residual path"
+    description = (
+        f"{model_kind}: each dynamic block maps a feature map h to x(1), where x(0) = h, v(0) = g(h) (an "
+        "initial-velocity network), dx/ds = v and dv/ds = a(x, v, emb), solved over s in [0, 1]. The "
+        "acceleration field is GroupNorm, 3x3 convolutions, softplus and FiLM from the timestep embedding"
+        f"{residual}. The solver can be changed after training with `pipe.unet.set_ode_solver(...)`."
+    )
+    return summary, description

@@ -90,7 +90,17 @@ def read_run_settings(checkpoint: str | os.PathLike) -> dict | None:
     path = Path(checkpoint) / RUN_SETTINGS_NAME
     if not path.is_file():
         return None
-    return json.loads(path.read_text())
+    try:
+        settings = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        settings, reason = None, f"is not valid JSON ({error})"
+    else:
+        reason = "is not a JSON object with 'must_match' and 'may_differ' objects"
+    if not (isinstance(settings, dict) and all(isinstance(settings.get(key, {}), dict) for key in ("must_match", "may_differ"))):
+        raise ValueError(
+            f"{str(path)!r} {reason}. Restore it from a copy, or delete it to resume without the settings check."
+        )
+    return settings
 
 
 def check_run_settings(checkpoint: str | os.PathLike, current: dict) -> list[str]:
