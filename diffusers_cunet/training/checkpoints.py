@@ -96,7 +96,10 @@ def read_run_settings(checkpoint: str | os.PathLike) -> dict | None:
         settings, reason = None, f"is not valid JSON ({error})"
     else:
         reason = "is not a JSON object with 'must_match' and 'may_differ' objects"
-    if not (isinstance(settings, dict) and all(isinstance(settings.get(key, {}), dict) for key in ("must_match", "may_differ"))):
+    well_formed = isinstance(settings, dict)
+    if well_formed:
+        well_formed = all(isinstance(settings.get(key, {}), dict) for key in ("must_match", "may_differ"))
+    if not well_formed:
         raise ValueError(
             f"{str(path)!r} {reason}. Restore it from a copy, or delete it to resume without the settings check."
         )
