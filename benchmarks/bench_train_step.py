@@ -124,6 +124,9 @@ def main(argv=None) -> None:
     parser.add_argument("--max-seconds", type=float, default=300.0, help="Stop adding timed rounds after this many seconds.")
     parser.add_argument("--compile", dest="compile", action="store_true", default=None, help="Measure torch.compile (default in full mode).")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="Skip the torch.compile variants.")
+    parser.add_argument("--section", default=SECTION,
+                        help=f"Section of the results page to rewrite (default {SECTION}); another name keeps the "
+                             "default section, for example for a second machine.")
     args = parser.parse_args(argv)
     if args.batch is None:
         args.batch = 4 if args.quick else 64
@@ -178,7 +181,9 @@ def main(argv=None) -> None:
     title = "Main job throughput: training step of the default MNIST recipe"
     if args.quick:
         title += " (--quick: widths shrunk)"
-    publish(args, SECTION, title, record, body)
+    if args.section != SECTION:
+        title += f" ({args.section})"
+    publish(args, args.section, title, record, body)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ loads it after `import diffusers_cunet`), with a model card, sample grids, tenso
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -44,6 +45,8 @@ from diffusers_cunet.training import (
     checkpoint_step,
     diffusion_loss,
     check_run_settings,
+    list_checkpoints,
+    read_run_settings,
     resolve_checkpoint,
     save_checkpoint_atomically,
 )
@@ -54,17 +57,32 @@ CUNET_PRESETS = ("mnist_cunet", "thesis_cunet")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
-# Steps of the default run on the embedded digits, sized so that the whole run ends within 15 minutes
-# on a 2-core AMD EPYC CPU. There a bf16 step of the mnist_cunet preset took about 0.235 s at batch 64
-# (272 images/s in 1,500-step runs), and start-up, sampling and saving took about 40 s more.
+# Steps of the default run on the embedded digits. On a 2-core AMD EPYC CPU with AVX512-BF16, a bf16 step
+# of the mnist_cunet preset took about 0.235 s at batch 64 (272 images/s in 1,500-step runs), so the whole
+# run ended in 13.5 minutes. CPUs without native bf16 train in float32 and are slower, so the default run
+# also has a time budget that lowers the step count where needed (see plan_max_train_steps).
 DEFAULT_MNIST_STEPS = 3300
+# Whole-run budget of the default run, from the script's start. `accelerate launch` and the imports take
+# about 10 s more before that, so the run ends within 15 minutes.
+DEFAULT_MNIST_BUDGET_MINUTES = 14.5
+# Time per optimizer step of the training loop relative to the step that time_training_step measures.
+# Data loading, the EMA update and logging add time, but the short timing's steps ran slower than the
+# loop's (0.424 s against 0.395 s per step on a 2-core AVX2 CPU, float32), so no extra factor is applied.
+LOOP_OVERHEAD = 1.0
+# Seconds kept for saving the pipeline, the card and the digit verdict after the final samples.
+FINISH_RESERVE_SECONDS = 15.0
+SCRIPT_START = time.perf_counter()
 
 
 # ----------------------------------------------------------------------------- arguments
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keep the description's line breaks and show each option's default."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
 
     data = parser.add_argument_group("data")
     data.add_argument("--dataset_name", type=str, default=None,
@@ -126,15 +144,21 @@ def build_parser() -> argparse.ArgumentParser:
     optimization.add_argument("--eval_batch_size", type=int, default=64, help="Number of images in each sample grid.")
     optimization.add_argument("--num_epochs", type=int, default=100, help="Epochs, unless --max_train_steps is set.")
     optimization.add_argument("--max_train_steps", type=int, default=None,
-                              help="Optimizer steps to train for; overrides --num_epochs. Default: 3300 on the embedded MNIST data.")
+                              help="Optimizer steps to train for; overrides --num_epochs. Default: 3300 on the embedded "
+                                   "MNIST data, fewer where --time_budget_minutes requires it.")
+    optimization.add_argument("--time_budget_minutes", type=float, default=None,
+                              help="Wall-clock budget of the whole run. Before training, the script times a few steps "
+                                   "and the sampling on a copy of the model and lowers the step count so that training "
+                                   "and the final samples end within the budget. Default: 14 for the embedded MNIST "
+                                   "data without --max_train_steps, none otherwise.")
     optimization.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches per optimizer step.")
     optimization.add_argument("--learning_rate", type=float, default=2e-3, help="Peak learning rate.")
     optimization.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default="cosine", help="Learning-rate schedule.")
     optimization.add_argument("--lr_warmup_steps", type=int, default=100, help="Warm-up optimizer steps.")
-    optimization.add_argument("--adam_beta1", type=float, default=0.9)
-    optimization.add_argument("--adam_beta2", type=float, default=0.99)
-    optimization.add_argument("--adam_weight_decay", type=float, default=0.0)
-    optimization.add_argument("--adam_epsilon", type=float, default=1e-8)
+    optimization.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
+    optimization.add_argument("--adam_beta2", type=float, default=0.99, help="AdamW beta2.")
+    optimization.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay.")
+    optimization.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
     optimization.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
     optimization.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True,
                               help="Keep an exponential moving average of the weights (saved in the pipeline).")
@@ -195,6 +219,11 @@ def validate_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name}={value} is invalid; use a positive number or leave it unset.")
     if args.dataloader_num_workers < 0:
         raise ValueError(f"--dataloader_num_workers={args.dataloader_num_workers} must be 0 or more.")
+    if args.time_budget_minutes is not None and not 0 < args.time_budget_minutes < math.inf:
+        raise ValueError(
+            f"--time_budget_minutes={args.time_budget_minutes} must be a positive number of minutes, for example 14; "
+            "leave it unset to train for --max_train_steps or --num_epochs."
+        )
     if args.learning_rate <= 0:
         raise ValueError(f"--learning_rate={args.learning_rate} must be positive.")
     if args.lr_warmup_steps < 0:
@@ -248,6 +277,7 @@ class TrainingSetup:
     max_train_steps: int
     num_update_steps_per_epoch: int
     num_epochs: int
+    budget_note: str | None = None
 
 
 def resolve_mixed_precision(requested: str) -> str:
@@ -259,8 +289,8 @@ def resolve_mixed_precision(requested: str) -> str:
         return configured
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "no"
-    # NOTE: without native kernels bf16 is emulated on a CPU. It is expected to be slower than float32
-    # there, but that was not measured (the test machine has AVX512-BF16).
+    # Without native kernels, oneDNN leaves bf16 convolutions to ATen's slow fallback: on a 2-core AVX2 CPU
+    # (no AVX512-BF16), a bf16 training step of the default model took 4.7 s against 0.40 s in float32.
     native_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     return "bf16" if native_bf16 else "no"
 
@@ -400,9 +430,9 @@ def setup(args: argparse.Namespace, accelerator: Accelerator) -> TrainingSetup:
     # Steps are optimizer steps: one per `gradient_accumulation_steps` batches on every process.
     batches_per_process = math.ceil(len(dataloader) / accelerator.num_processes)
     num_update_steps_per_epoch = max(1, math.ceil(batches_per_process / args.gradient_accumulation_steps))
-    max_train_steps = args.max_train_steps
-    if max_train_steps is None:
-        max_train_steps = DEFAULT_MNIST_STEPS if not (args.dataset_name or args.train_data_dir) else args.num_epochs * num_update_steps_per_epoch
+    max_train_steps, budget_note = plan_max_train_steps(
+        args, accelerator, model, noise_scheduler, channels, num_classes, num_update_steps_per_epoch
+    )
     num_epochs = math.ceil(max_train_steps / num_update_steps_per_epoch)
 
     lr_scheduler = get_scheduler(
@@ -419,8 +449,136 @@ def setup(args: argparse.Namespace, accelerator: Accelerator) -> TrainingSetup:
         accelerator=accelerator, model=model, ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler,
         noise_scheduler=noise_scheduler, dataloader=dataloader, dataset=training_dataset, sampler=sampler,
         channels=channels, num_classes=num_classes, dataset_label=dataset_label, max_train_steps=max_train_steps,
-        num_update_steps_per_epoch=num_update_steps_per_epoch, num_epochs=num_epochs,
+        num_update_steps_per_epoch=num_update_steps_per_epoch, num_epochs=num_epochs, budget_note=budget_note,
     )
+
+
+def time_budget_minutes(args) -> float | None:
+    """Return the run's time budget: the option's value, or the default run's budget."""
+    if args.time_budget_minutes is not None:
+        return args.time_budget_minutes
+    if args.max_train_steps is None and not (args.dataset_name or args.train_data_dir):
+        return DEFAULT_MNIST_BUDGET_MINUTES
+    return None
+
+
+def plan_max_train_steps(
+    args, accelerator: Accelerator, model, noise_scheduler, channels: int, num_classes: int | None,
+    num_update_steps_per_epoch: int,
+) -> tuple[int, str | None]:
+    """Return the run's optimizer steps and, when a time budget capped them, a line that says how.
+
+    The steps come from --max_train_steps, else 3,300 on the embedded data, else --num_epochs. A time
+    budget then caps them: the steps that fit after the time spent so far, the final sampling and the
+    saving. A run resumed without --max_train_steps keeps the step count its checkpoint recorded, so it
+    ends where the interrupted run would have ended.
+    """
+    if args.max_train_steps is not None:
+        steps = args.max_train_steps
+    elif not (args.dataset_name or args.train_data_dir):
+        steps = DEFAULT_MNIST_STEPS
+    else:
+        steps = args.num_epochs * num_update_steps_per_epoch
+    budget = time_budget_minutes(args)
+    if budget is None:
+        return steps, None
+
+    if args.resume_from_checkpoint and args.max_train_steps is None:
+        checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+        settings = read_run_settings(checkpoint) if checkpoint is not None else None
+        recorded = (settings or {}).get("may_differ", {}).get("max_train_steps")
+        if isinstance(recorded, int) and recorded > 0:
+            return recorded, f"{recorded} steps, as planned by the run that wrote {checkpoint.name}"
+
+    step_seconds, sampling_seconds = time_training_step(args, accelerator, model, noise_scheduler, channels, num_classes)
+    sampling_steps = min(args.ddpm_num_inference_steps, args.ddpm_num_steps)
+    final_sampling = sampling_seconds * sampling_steps
+    per_step = step_seconds * LOOP_OVERHEAD
+    if args.save_images_steps:
+        per_step += final_sampling / args.save_images_steps
+    spent = time.perf_counter() - SCRIPT_START
+    available = budget * 60 - spent - final_sampling - FINISH_RESERVE_SECONDS
+    fitting = int(available // per_step)
+    measured = (f"{step_seconds:.3f} s per training step and {final_sampling:.0f} s for the final samples "
+                f"measured, {spent:.0f} s spent on start-up")
+    if fitting < 1:
+        raise ValueError(
+            f"--time_budget_minutes={budget:g} leaves no time to train ({measured}). Raise the budget, or pass "
+            "--max_train_steps N to train N steps without a budget."
+        )
+    if fitting >= steps:
+        return steps, f"{steps} steps fit in the {budget:g}-minute budget ({measured})"
+    logger.warning(
+        "Training %d of %d steps to stay within the %g-minute budget (%s). Pass --max_train_steps %d to train "
+        "them all.", fitting, steps, budget, measured, steps,
+    )
+    return fitting, f"{fitting} of {steps} steps, capped by the {budget:g}-minute budget ({measured})"
+
+
+def time_training_step(
+    args, accelerator: Accelerator, model, noise_scheduler, channels: int, num_classes: int | None,
+    rounds: int = 6,
+) -> tuple[float, float]:
+    """Time one optimizer step and one sampling forward pass on a copy of the model, in seconds.
+
+    The copy trains on random images with its own optimizer, so the run's weights, optimizer and random
+    streams are untouched. With several processes, every rank gets the slowest rank's times.
+    """
+    device = accelerator.device
+    probe = copy.deepcopy(model).to(device)
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=args.learning_rate, fused=True)
+    generator = torch.Generator().manual_seed(args.seed)
+    shape = (args.train_batch_size, channels, args.resolution, args.resolution)
+    clean_images = (torch.rand(shape, generator=generator) * 2 - 1).to(device)
+    class_labels = torch.randint(0, num_classes, (shape[0],), generator=generator).to(device) if num_classes else None
+
+    def synchronize():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def training_step():
+        for _ in range(args.gradient_accumulation_steps):
+            noise = torch.randn(shape, generator=generator).to(device)
+            timesteps = sample_timesteps(args.timestep_sampling, args.ddpm_num_steps, shape[0], generator).to(device)
+            noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
+            with accelerator.autocast():
+                output = probe(noisy_images, timesteps, class_labels=class_labels).sample
+            loss = diffusion_loss(output, clean_images, noise, timesteps, noise_scheduler, args.prediction_type,
+                                  snr_gamma=args.snr_gamma or None)
+            loss.backward()
+        if args.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(probe.parameters(), args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def sampling_forward():
+        images = torch.randn((args.eval_batch_size, channels, args.resolution, args.resolution), generator=generator)
+        labels = torch.arange(args.eval_batch_size) % num_classes if num_classes else None
+        probe(images.to(device), torch.full((args.eval_batch_size,), args.ddpm_num_steps // 2, device=device),
+              class_labels=None if labels is None else labels.to(device))
+
+    def median_seconds(function, repeats: int) -> float:
+        timings = []
+        for _ in range(repeats):
+            synchronize()
+            start = time.perf_counter()
+            function()
+            synchronize()
+            timings.append(time.perf_counter() - start)
+        return sorted(timings)[len(timings) // 2]
+
+    probe.train()
+    training_step()  # the first steps pay for allocation and kernel selection
+    training_step()
+    step_seconds = median_seconds(training_step, rounds)
+    probe.eval()
+    sampling_forward()
+    sampling_seconds = median_seconds(sampling_forward, 3)
+    del probe, optimizer
+    timings = accelerator.gather(torch.tensor([[step_seconds, sampling_seconds]], device=device))
+    step_seconds, sampling_seconds = timings.reshape(-1, 2).max(dim=0).values.tolist()
+    return step_seconds, sampling_seconds
 
 
 def register_ema_checkpoint_hooks(accelerator: Accelerator, ema: EMAModel, model_cls) -> None:
@@ -558,7 +716,9 @@ def export_model(args, state: TrainingSetup):
         state.ema.copy_to(exported.parameters())
     if hasattr(exported, "disable_gradient_checkpointing") and getattr(exported, "is_gradient_checkpointing", False):
         exported.disable_gradient_checkpointing()
-    return exported.to("cpu", dtype=torch.float32)
+    # `.float()`, not `.to(dtype=...)`: diffusers 0.42's `ModelMixin.to` warns about float32 modules on every
+    # dtype cast, even for models that list none.
+    return exported.cpu().float()
 
 
 def save_pipeline(args, state: TrainingSetup, output_dir: Path) -> None:
@@ -604,6 +764,7 @@ def log_banner(args, state: TrainingSetup) -> None:
         f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch}",
         f"  Gradient accumulation steps = {args.gradient_accumulation_steps}",
         f"  Total optimization steps = {state.max_train_steps}",
+        *([f"  Time budget = {state.budget_note}"] if state.budget_note else []),
         f"  Mixed precision = {state.accelerator.mixed_precision}, CPU threads per process = {torch.get_num_threads()}",
     ]
     if isinstance(model, ContinuousUNet2DModel):
@@ -673,7 +834,22 @@ def model_nfe_per_step(model) -> int | None:
     return None
 
 
+def check_output_dir(args) -> None:
+    """Refuse to start a new run in a folder with another run's checkpoints, which it would mix with its own."""
+    if args.resume_from_checkpoint or args.overwrite_output_dir:
+        return
+    existing = list_checkpoints(args.output_dir)
+    if existing:
+        raise ValueError(
+            f"--output_dir {args.output_dir!r} already has checkpoints of an earlier run ({existing[0].name} to "
+            f"{existing[-1].name}); a new run there would prune them and mix its checkpoints with theirs. Pass "
+            "--resume_from_checkpoint latest to continue that run, --overwrite_output_dir to delete it, or another "
+            "--output_dir."
+        )
+
+
 def main(args: argparse.Namespace) -> dict:
+    check_output_dir(args)
     output_dir = Path(args.output_dir)
     accelerator = create_accelerator(args)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
@@ -708,6 +884,12 @@ def main(args: argparse.Namespace) -> dict:
         ).repo_id
 
     global_step = resume(state, checkpoint)
+    if checkpoint is not None and global_step >= state.max_train_steps:
+        logger.warning(
+            "%s is at step %d, which already reaches the run's %d steps, so nothing is trained; the pipeline and "
+            "samples are written from it. Pass a larger --max_train_steps to train on.",
+            checkpoint.name, global_step, state.max_train_steps,
+        )
     first_epoch = global_step // state.num_update_steps_per_epoch
     resume_batches = (global_step % state.num_update_steps_per_epoch) * args.gradient_accumulation_steps
 
@@ -826,6 +1008,7 @@ def finish(args, state: TrainingSetup, global_step, start_step, training_seconds
         "process_group_backend": getattr(accelerator.state, "backend", None),
         "hardware": describe_hardware(accelerator),
         "dataset": state.dataset_label,
+        "time_budget": state.budget_note,
     }
 
     evaluate_digits = args.evaluate_digits

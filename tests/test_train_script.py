@@ -8,11 +8,13 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from diffusers import DDPMScheduler
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -212,6 +214,23 @@ def test_resume_other_settings_rejected(tmp_path):
     assert "seed was 0 in checkpoint-2 and is 7 now" in resumed.stderr
     assert (output_dir / "checkpoint-4").is_dir()
 
+    # A checkpoint already past the asked steps trains nothing, and says so.
+    past = launch(output_dir, "--max_train_steps", "3", "--resume_from_checkpoint", "latest", "--no-evaluate_digits",
+                  "--seed", "7")
+    assert "checkpoint-4 is at step 4, which already reaches the run's 3 steps" in past.stderr
+
+
+def test_new_run_in_a_folder_with_checkpoints_rejected(tmp_path):
+    train_cunet = load_script_module()
+    (tmp_path / "out" / "checkpoint-5").mkdir(parents=True)
+    args = train_cunet.parse_args(["--output_dir", str(tmp_path / "out"), "--max_train_steps", "2"])
+    with pytest.raises(ValueError) as error:
+        train_cunet.check_output_dir(args)
+    assert "checkpoint-5" in str(error.value)
+    assert "--resume_from_checkpoint latest" in str(error.value)
+    for flag in ("--overwrite_output_dir", "--resume_from_checkpoint=latest"):
+        train_cunet.check_output_dir(train_cunet.parse_args(["--output_dir", str(tmp_path / "out"), flag]))
+
 
 def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     output_dir = tmp_path / "accumulate"
@@ -363,6 +382,8 @@ def test_inference_steps_capped_by_ddpm_steps(tmp_path):
         (["--model", "unet", "--ode_solver", "rk4"], "--model cunet"),
         (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps=0"),
         (["--model", "unet", "--resolution", "28"], "--resolution=28"),
+        (["--time_budget_minutes", "0"], "--time_budget_minutes=0"),
+        (["--time_budget_minutes", "nan"], "--time_budget_minutes=nan"),
     ],
 )
 def test_bad_arguments_rejected(argv, message):
@@ -372,6 +393,66 @@ def test_bad_arguments_rejected(argv, message):
     with pytest.raises((ValueError, FileNotFoundError)) as error:
         train_cunet.parse_args(argv)
     assert message in str(error.value)
+
+
+def budget_plan(train_cunet, tmp_path, argv, step_seconds=1.0, sampling_seconds=0.01):
+    """Plan a run's steps with the step timing replaced by fixed figures; return (steps, note)."""
+    args = train_cunet.parse_args(["--output_dir", str(tmp_path / "budget"), *TINY_ARGS, "--logger", "none", *argv])
+    accelerator = train_cunet.create_accelerator(args)
+    train_cunet.time_training_step = lambda *unused, **unused_keywords: (step_seconds, sampling_seconds)
+    train_cunet.SCRIPT_START = time.perf_counter()
+    model = train_cunet.build_model(args, 1, None)
+    noise_scheduler = DDPMScheduler(num_train_timesteps=args.ddpm_num_steps)
+    return train_cunet.plan_max_train_steps(args, accelerator, model, noise_scheduler, 1, None, 4)
+
+
+def test_time_budget_caps_the_default_run(tmp_path):
+    train_cunet = load_script_module()
+    # 60 s budget, 15 s kept for saving, 4 sampling steps of 0.01 s: about 45 steps of 1 s fit.
+    steps, note = budget_plan(train_cunet, tmp_path, ["--time_budget_minutes", "1"])
+    assert 43 <= steps <= 45
+    assert f"{steps} of {train_cunet.DEFAULT_MNIST_STEPS} steps" in note
+    assert "1-minute budget" in note
+
+    # Without a budget option, the embedded data gets the default budget; explicit steps get none.
+    steps, note = budget_plan(train_cunet, tmp_path, [], step_seconds=0.01)
+    assert steps == train_cunet.DEFAULT_MNIST_STEPS
+    assert "fit in the 14.5-minute budget" in note
+    steps, note = budget_plan(train_cunet, tmp_path, ["--max_train_steps", "7"], step_seconds=1e6)
+    assert (steps, note) == (7, None)
+
+    # In-training sample grids count against the budget too.
+    steps, _ = budget_plan(train_cunet, tmp_path, ["--time_budget_minutes", "1", "--save_images_steps", "1"],
+                           sampling_seconds=0.25)
+    assert 20 <= steps <= 22
+
+
+def test_time_budget_too_small_rejected(tmp_path):
+    train_cunet = load_script_module()
+    with pytest.raises(ValueError) as error:
+        budget_plan(train_cunet, tmp_path, ["--time_budget_minutes", "0.2"])
+    assert "--time_budget_minutes=0.2" in str(error.value)
+    assert "--max_train_steps" in str(error.value)
+
+
+def test_time_budget_resume_keeps_the_planned_steps(tmp_path):
+    train_cunet = load_script_module()
+    checkpoint = tmp_path / "budget" / "checkpoint-100"
+    checkpoint.mkdir(parents=True)
+    settings = {"must_match": {}, "may_differ": {"max_train_steps": 123}}
+    (checkpoint / "run_settings.json").write_text(json.dumps(settings))
+    steps, note = budget_plan(train_cunet, tmp_path, ["--resume_from_checkpoint", "latest"], step_seconds=1e6)
+    assert steps == 123
+    assert "checkpoint-100" in note
+
+
+def test_time_budget_run_records_the_plan(tmp_path):
+    output_dir = tmp_path / "budget_run"
+    result = launch(output_dir, "--max_train_steps", "3", "--time_budget_minutes", "10", "--no-evaluate_digits")
+    assert "Time budget = 3 steps fit in the 10-minute budget" in result.stderr + result.stdout
+    card = (output_dir / "README.md").read_text()
+    assert "step count and time budget" in card
+    assert "s per training step" in card
 
 
 def test_resume_from_missing_checkpoint_rejected(tmp_path):
