@@ -278,6 +278,17 @@ class TrainingSetup:
     num_update_steps_per_epoch: int
     num_epochs: int
     budget_note: str | None = None
+    deadline: float | None = None
+
+
+@dataclass
+class StepPlan:
+    """The run's optimizer steps and, under a time budget, how they were chosen and when training must stop."""
+
+    steps: int
+    note: str | None = None
+    # A `time.perf_counter()` value: a run that is still training then stops, saves a checkpoint and samples.
+    deadline: float | None = None
 
 
 def resolve_mixed_precision(requested: str) -> str:
@@ -430,9 +441,8 @@ def setup(args: argparse.Namespace, accelerator: Accelerator) -> TrainingSetup:
     # Steps are optimizer steps: one per `gradient_accumulation_steps` batches on every process.
     batches_per_process = math.ceil(len(dataloader) / accelerator.num_processes)
     num_update_steps_per_epoch = max(1, math.ceil(batches_per_process / args.gradient_accumulation_steps))
-    max_train_steps, budget_note = plan_max_train_steps(
-        args, accelerator, model, noise_scheduler, channels, num_classes, num_update_steps_per_epoch
-    )
+    plan = plan_max_train_steps(args, accelerator, model, noise_scheduler, channels, num_classes, num_update_steps_per_epoch)
+    max_train_steps = plan.steps
     num_epochs = math.ceil(max_train_steps / num_update_steps_per_epoch)
 
     lr_scheduler = get_scheduler(
@@ -449,7 +459,8 @@ def setup(args: argparse.Namespace, accelerator: Accelerator) -> TrainingSetup:
         accelerator=accelerator, model=model, ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler,
         noise_scheduler=noise_scheduler, dataloader=dataloader, dataset=training_dataset, sampler=sampler,
         channels=channels, num_classes=num_classes, dataset_label=dataset_label, max_train_steps=max_train_steps,
-        num_update_steps_per_epoch=num_update_steps_per_epoch, num_epochs=num_epochs, budget_note=budget_note,
+        num_update_steps_per_epoch=num_update_steps_per_epoch, num_epochs=num_epochs, budget_note=plan.note,
+        deadline=plan.deadline,
     )
 
 
@@ -465,13 +476,14 @@ def time_budget_minutes(args) -> float | None:
 def plan_max_train_steps(
     args, accelerator: Accelerator, model, noise_scheduler, channels: int, num_classes: int | None,
     num_update_steps_per_epoch: int,
-) -> tuple[int, str | None]:
-    """Return the run's optimizer steps and, when a time budget capped them, a line that says how.
+) -> StepPlan:
+    """Choose the run's optimizer steps and, under a time budget, the time by which training must stop.
 
     The steps come from --max_train_steps, else 3,300 on the embedded data, else --num_epochs. A time
     budget then caps them: the steps that fit after the time spent so far, the final sampling and the
     saving. A run resumed without --max_train_steps keeps the step count its checkpoint recorded, so it
-    ends where the interrupted run would have ended.
+    ends where the interrupted run would have ended. Since a machine can slow down after the timing,
+    the plan also has a deadline that stops training early.
     """
     if args.max_train_steps is not None:
         steps = args.max_train_steps
@@ -481,38 +493,38 @@ def plan_max_train_steps(
         steps = args.num_epochs * num_update_steps_per_epoch
     budget = time_budget_minutes(args)
     if budget is None:
-        return steps, None
+        return StepPlan(steps)
+
+    step_seconds, sampling_seconds = time_training_step(args, accelerator, model, noise_scheduler, channels, num_classes)
+    final_sampling = sampling_seconds * min(args.ddpm_num_inference_steps, args.ddpm_num_steps)
+    per_step = step_seconds * LOOP_OVERHEAD
+    if args.save_images_steps:
+        per_step += final_sampling / args.save_images_steps
+    deadline = SCRIPT_START + budget * 60 - final_sampling - FINISH_RESERVE_SECONDS
+    spent = time.perf_counter() - SCRIPT_START
+    measured = (f"{step_seconds:.3f} s per training step and {final_sampling:.0f} s for the final samples "
+                f"measured, {spent:.0f} s spent on start-up")
 
     if args.resume_from_checkpoint and args.max_train_steps is None:
         checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
         settings = read_run_settings(checkpoint) if checkpoint is not None else None
         recorded = (settings or {}).get("may_differ", {}).get("max_train_steps")
         if isinstance(recorded, int) and recorded > 0:
-            return recorded, f"{recorded} steps, as planned by the run that wrote {checkpoint.name}"
+            return StepPlan(recorded, f"{recorded} steps, as planned by the run that wrote {checkpoint.name}", deadline)
 
-    step_seconds, sampling_seconds = time_training_step(args, accelerator, model, noise_scheduler, channels, num_classes)
-    sampling_steps = min(args.ddpm_num_inference_steps, args.ddpm_num_steps)
-    final_sampling = sampling_seconds * sampling_steps
-    per_step = step_seconds * LOOP_OVERHEAD
-    if args.save_images_steps:
-        per_step += final_sampling / args.save_images_steps
-    spent = time.perf_counter() - SCRIPT_START
-    available = budget * 60 - spent - final_sampling - FINISH_RESERVE_SECONDS
-    fitting = int(available // per_step)
-    measured = (f"{step_seconds:.3f} s per training step and {final_sampling:.0f} s for the final samples "
-                f"measured, {spent:.0f} s spent on start-up")
+    fitting = int((deadline - time.perf_counter()) // per_step)
     if fitting < 1:
         raise ValueError(
             f"--time_budget_minutes={budget:g} leaves no time to train ({measured}). Raise the budget, or pass "
             "--max_train_steps N to train N steps without a budget."
         )
     if fitting >= steps:
-        return steps, f"{steps} steps fit in the {budget:g}-minute budget ({measured})"
+        return StepPlan(steps, f"{steps} steps fit in the {budget:g}-minute budget ({measured})", deadline)
     logger.warning(
         "Training %d of %d steps to stay within the %g-minute budget (%s). Pass --max_train_steps %d to train "
         "them all.", fitting, steps, budget, measured, steps,
     )
-    return fitting, f"{fitting} of {steps} steps, capped by the {budget:g}-minute budget ({measured})"
+    return StepPlan(fitting, f"{fitting} of {steps} steps, capped by the {budget:g}-minute budget ({measured})", deadline)
 
 
 def time_training_step(
@@ -526,6 +538,9 @@ def time_training_step(
     """
     device = accelerator.device
     probe = copy.deepcopy(model).to(device)
+    if getattr(probe.config, "ode_check_finite", False):
+        # fp16 steps without the run's gradient scaler may overflow; the copy's weights are thrown away anyway.
+        probe.register_to_config(ode_check_finite=False)
     optimizer = torch.optim.AdamW(probe.parameters(), lr=args.learning_rate, fused=True)
     generator = torch.Generator().manual_seed(args.seed)
     shape = (args.train_batch_size, channels, args.resolution, args.resolution)
@@ -896,10 +911,17 @@ def main(args: argparse.Namespace) -> dict:
     progress = tqdm(total=state.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="Steps")
     model = state.model
     start_time = time.perf_counter()
+    # Training time of the runs before a resume, so the card reports the whole run's time.
+    earlier_seconds = earlier_training_seconds(checkpoint)
+
+    def checkpoint_settings() -> dict:
+        return {**run_settings(args, state),
+                "progress": {"training_seconds": earlier_seconds + time.perf_counter() - start_time}}
     start_step = global_step
     images_seen = 0
     last_loss = float("nan")
     micro_step = 0
+    out_of_time = False
     for epoch in range(first_epoch, state.num_epochs):
         if global_step >= state.max_train_steps:
             break
@@ -925,7 +947,12 @@ def main(args: argparse.Namespace) -> dict:
             global_step += 1
             progress.update(1)
             elapsed = time.perf_counter() - start_time
-            last_loss = accelerator.gather(loss.reshape(1)).mean().item()
+            # Each rank's loss and whether its clock passed the deadline travel in one gather, so that all
+            # ranks stop at the same step.
+            late = state.deadline is not None and time.perf_counter() > state.deadline
+            gathered = accelerator.gather(torch.stack([loss.float(), loss.new_tensor(float(late), dtype=torch.float32)])[None])
+            last_loss = gathered[:, 0].mean().item()
+            out_of_time = bool(gathered[:, 1].max().item())
             logs = {
                 "loss": last_loss,
                 "lr": state.lr_scheduler.get_last_lr()[0],
@@ -942,7 +969,7 @@ def main(args: argparse.Namespace) -> dict:
 
             if global_step % args.checkpointing_steps == 0:
                 path = save_checkpoint_atomically(
-                    accelerator, output_dir, global_step, args.checkpoints_total_limit, run_settings(args, state)
+                    accelerator, output_dir, global_step, args.checkpoints_total_limit, checkpoint_settings()
                 )
                 logger.info("Saved checkpoint %s", path)
             if args.save_images_steps and global_step % args.save_images_steps == 0:
@@ -952,12 +979,17 @@ def main(args: argparse.Namespace) -> dict:
             if args.exit_after_steps and global_step - start_step >= args.exit_after_steps:
                 break
             if global_step >= state.max_train_steps:
+                out_of_time = False
                 break
+            if out_of_time:
+                break
+        if out_of_time:
+            break
 
         if args.exit_after_steps and global_step - start_step >= args.exit_after_steps and global_step < state.max_train_steps:
             if global_step % args.checkpointing_steps:
                 save_checkpoint_atomically(
-                    accelerator, output_dir, global_step, args.checkpoints_total_limit, run_settings(args, state)
+                    accelerator, output_dir, global_step, args.checkpoints_total_limit, checkpoint_settings()
                 )
             logger.info("Stopping after %d steps of this run at step %d (--exit_after_steps); resume with "
                         "--resume_from_checkpoint latest.", args.exit_after_steps, global_step)
@@ -972,12 +1004,34 @@ def main(args: argparse.Namespace) -> dict:
             save_pipeline(args, state, output_dir)
     progress.close()
     training_seconds = time.perf_counter() - start_time
+    if out_of_time:
+        # The machine ran slower than when it was timed. The skipped steps are the end of the learning-rate
+        # schedule, and the checkpoint lets a later run train them.
+        logger.warning(
+            "The time budget ran out at step %d of %d (the machine ran slower than when the steps were timed); "
+            "sampling now. `--resume_from_checkpoint latest` trains the remaining steps later.",
+            global_step, state.max_train_steps,
+        )
+        state.budget_note = f"{state.budget_note}; stopped at step {global_step} when the time ran out"
+        if global_step % args.checkpointing_steps:
+            save_checkpoint_atomically(
+                accelerator, output_dir, global_step, args.checkpoints_total_limit, checkpoint_settings()
+            )
     accelerator.wait_for_everyone()
 
-    return finish(args, state, global_step, start_step, training_seconds, images_seen, last_loss)
+    return finish(args, state, global_step, start_step, training_seconds, images_seen, last_loss, earlier_seconds)
 
 
-def finish(args, state: TrainingSetup, global_step, start_step, training_seconds, images_seen, last_loss) -> dict:
+def earlier_training_seconds(checkpoint: Path | None) -> float:
+    """Return the training seconds that a checkpoint's run (and the runs it resumed) recorded, 0 for none."""
+    if checkpoint is None:
+        return 0.0
+    seconds = ((read_run_settings(checkpoint) or {}).get("progress") or {}).get("training_seconds", 0.0)
+    return float(seconds) if isinstance(seconds, (int, float)) and seconds >= 0 else 0.0
+
+
+def finish(args, state: TrainingSetup, global_step, start_step, training_seconds, images_seen, last_loss,
+           earlier_seconds: float = 0.0) -> dict:
     """Sample the final grid, judge digits, save the pipeline and card, and push when asked."""
     from diffusers_cunet.hub import render_model_card
 
@@ -996,7 +1050,8 @@ def finish(args, state: TrainingSetup, global_step, start_step, training_seconds
     results = {
         "global_step": global_step,
         "steps_this_run": global_step - start_step,
-        "training_seconds": round(training_seconds, 1),
+        "training_seconds": round(earlier_seconds + training_seconds, 1),
+        "training_seconds_this_run": round(training_seconds, 1) if earlier_seconds else None,
         "images_per_second": round(images_seen / max(training_seconds, 1e-9), 2),
         "final_loss": last_loss,
         "parameters": sum(p.numel() for p in model.parameters()),

@@ -193,6 +193,13 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     assert resumed_ema["optimization_step"] == straight_ema["optimization_step"] == 10
     assert resumed_ema["decay"] == straight_ema["decay"]
 
+    # The card's training time covers both parts of the interrupted run.
+    earlier = json.loads((interrupted / "checkpoint-7" / "run_settings.json").read_text())["progress"]
+    results = json.loads((interrupted / "training_results.json").read_text())
+    assert results["training_seconds_this_run"] > 0
+    assert results["training_seconds"] == pytest.approx(earlier["training_seconds"] + results["training_seconds_this_run"], abs=0.11)
+    assert "training time of the last resumed run" in (interrupted / "README.md").read_text()
+
 
 def test_resume_other_settings_rejected(tmp_path):
     output_dir = tmp_path / "changed"
@@ -307,9 +314,12 @@ def _checksums(log: str) -> dict[int, str]:
 def test_two_process_gloo_run(tmp_path):
     two = tmp_path / "two"
     one = tmp_path / "one"
-    result = launch(two, "--max_train_steps", "3", "--no-evaluate_digits", num_processes=2)
+    # The budget makes both ranks time their steps and agree on the slowest rank's figures.
+    result = launch(two, "--max_train_steps", "3", "--time_budget_minutes", "10", "--no-evaluate_digits",
+                    num_processes=2)
     log = result.stderr + result.stdout
     assert "Num processes = 2" in log
+    assert "Time budget = 3 steps fit in the 10-minute budget" in log
     results = json.loads((two / "training_results.json").read_text())
     assert results["num_processes"] == 2
     assert results["process_group_backend"] == "gloo"
@@ -403,7 +413,8 @@ def budget_plan(train_cunet, tmp_path, argv, step_seconds=1.0, sampling_seconds=
     train_cunet.SCRIPT_START = time.perf_counter()
     model = train_cunet.build_model(args, 1, None)
     noise_scheduler = DDPMScheduler(num_train_timesteps=args.ddpm_num_steps)
-    return train_cunet.plan_max_train_steps(args, accelerator, model, noise_scheduler, 1, None, 4)
+    plan = train_cunet.plan_max_train_steps(args, accelerator, model, noise_scheduler, 1, None, 4)
+    return plan.steps, plan.note
 
 
 def test_time_budget_caps_the_default_run(tmp_path):
@@ -444,6 +455,26 @@ def test_time_budget_resume_keeps_the_planned_steps(tmp_path):
     steps, note = budget_plan(train_cunet, tmp_path, ["--resume_from_checkpoint", "latest"], step_seconds=1e6)
     assert steps == 123
     assert "checkpoint-100" in note
+
+
+def test_time_budget_stops_a_run_that_runs_late(tmp_path):
+    train_cunet = load_script_module()
+
+    def timing_then_late(*unused, **unused_keywords):
+        # The timing says steps are nearly free, and the budget ends 2 s from now: the plan keeps all
+        # 100,000 steps, and the deadline has to stop the run.
+        train_cunet.SCRIPT_START = time.perf_counter() - (60 - train_cunet.FINISH_RESERVE_SECONDS - 2.0)
+        return 1e-6, 1e-6
+
+    train_cunet.time_training_step = timing_then_late
+    output_dir = tmp_path / "late"
+    args = train_cunet.parse_args(["--output_dir", str(output_dir), *TINY_ARGS, "--logger", "none",
+                                   "--no-evaluate_digits", "--max_train_steps", "100000", "--time_budget_minutes", "1"])
+    results = train_cunet.main(args)
+    assert 0 < results["global_step"] < 100000
+    assert f"stopped at step {results['global_step']} when the time ran out" in results["time_budget"]
+    assert (output_dir / f"checkpoint-{results['global_step']}").is_dir()
+    assert (output_dir / "model_index.json").is_file()
 
 
 def test_time_budget_run_records_the_plan(tmp_path):

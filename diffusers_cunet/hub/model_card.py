@@ -25,6 +25,7 @@ RESULT_LABELS = {
     "final_loss": "final training loss",
     "global_step": "optimizer steps",
     "training_seconds": "training time (s)",
+    "training_seconds_this_run": "training time of the last resumed run (s)",
     "time_budget": "step count and time budget",
     "images_per_second": "training images per second",
     "sampling_seconds_per_image": "sampling time per image (s)",
