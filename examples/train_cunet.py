@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train a DDPM whose denoiser is a continuous U-Net (or the UNet2DModel baseline).
+r"""Train a DDPM whose denoiser is a continuous U-Net (or the UNet2DModel baseline).
 
     accelerate launch examples/train_cunet.py                       # embedded MNIST digits, CPU minutes
     accelerate launch examples/train_cunet.py --dataset_name nielsr/CelebA-faces --resolution 64 \
@@ -78,7 +78,14 @@ SCRIPT_START = time.perf_counter()
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keep the description's line breaks and show each option's default."""
+    """Keep the description's line breaks and show each option's default where it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        # Unset options (None, False) take their value from the preset or the data, which their help says;
+        # helps that state their default already keep it as written.
+        if action.default in (None, False) or "default" in (action.help or "").lower():
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--label_column", type=str, default=None, help="Label column for class-conditional training; detected when omitted.")
     data.add_argument("--resolution", type=int, default=32, help="Training height and width in pixels. 28x28 digits are padded to 32.")
     data.add_argument("--num_channels", type=int, choices=(1, 3), default=None,
-                      help="Image channels (1 grayscale, 3 RGB). Detected from the first image when omitted.")
+                      help="Image channels (1 grayscale, 3 RGB). When omitted, 3 if any of the first 16 images is in "
+                           "colour, else 1.")
     data.add_argument("--center_crop", action="store_true", help="Center crop after resizing (default: random crop).")
     data.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
     data.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loader worker processes.")
@@ -149,8 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     optimization.add_argument("--time_budget_minutes", type=float, default=None,
                               help="Wall-clock budget of the whole run. Before training, the script times a few steps "
                                    "and the sampling on a copy of the model and lowers the step count so that training "
-                                   "and the final samples end within the budget. Default: 14 for the embedded MNIST "
-                                   "data without --max_train_steps, none otherwise.")
+                                   "and the final samples end within the budget, and stops training if time runs out "
+                                   f"anyway. Default: {DEFAULT_MNIST_BUDGET_MINUTES:g} for the embedded MNIST data "
+                                   "without --max_train_steps, none otherwise.")
     optimization.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches per optimizer step.")
     optimization.add_argument("--learning_rate", type=float, default=2e-3, help="Peak learning rate.")
     optimization.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default="cosine", help="Learning-rate schedule.")
@@ -515,8 +524,9 @@ def plan_max_train_steps(
     fitting = int((deadline - time.perf_counter()) // per_step)
     if fitting < 1:
         raise ValueError(
-            f"--time_budget_minutes={budget:g} leaves no time to train ({measured}). Raise the budget, or pass "
-            "--max_train_steps N to train N steps without a budget."
+            f"--time_budget_minutes={budget:g} leaves no time to train ({measured}, and {FINISH_RESERVE_SECONDS:.0f} s "
+            "kept for saving). Raise the budget, or leave --time_budget_minutes unset"
+            + (" and pass --max_train_steps N" if args.max_train_steps is None else "") + " to train without a budget."
         )
     if fitting >= steps:
         return StepPlan(steps, f"{steps} steps fit in the {budget:g}-minute budget ({measured})", deadline)
@@ -849,8 +859,40 @@ def model_nfe_per_step(model) -> int | None:
     return None
 
 
+def written_by_this_script(entry: Path, args) -> bool:
+    """Whether a file or folder in the output folder is one that this script writes."""
+    names = {"model_index.json", "unet", "scheduler", "README.md", "samples", "training_results.json",
+             Path(args.logging_dir).parts[0] if args.logging_dir else "logs"}
+    return entry.name in names or entry.name.startswith((".tmp-", "checkpoint-"))
+
+
 def check_output_dir(args) -> None:
-    """Refuse to start a new run in a folder with another run's checkpoints, which it would mix with its own."""
+    """Check, before any work, that the output folder is safe to write (and with --overwrite_output_dir, to delete).
+
+    The folder must be new, empty or an earlier output of this script: other files there would be replaced
+    (its README.md by the model card) or deleted. A new run is refused where another run left checkpoints,
+    which it would prune and mix with its own.
+    """
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"--output_dir {args.output_dir!r} is a file; pass a folder path.")
+    if not output_dir.is_dir():
+        return
+    resolved = output_dir.resolve()
+    if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents or resolved == Path.home().resolve():
+        raise ValueError(
+            f"--output_dir {args.output_dir!r} is the current folder, a folder above it or the home folder; the "
+            "script writes (and with --overwrite_output_dir deletes) a whole folder, so pass a folder of its own, "
+            "such as the default cunet-mnist."
+        )
+    foreign = sorted(entry.name for entry in output_dir.iterdir() if not written_by_this_script(entry, args))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise ValueError(
+            f"--output_dir {args.output_dir!r} holds files that this script did not write ({shown}); they would be "
+            f"{'deleted' if args.overwrite_output_dir else 'mixed with the run, and a README.md replaced'}. Pass an "
+            "empty or new folder."
+        )
     if args.resume_from_checkpoint or args.overwrite_output_dir:
         return
     existing = list_checkpoints(args.output_dir)
@@ -870,6 +912,8 @@ def main(args: argparse.Namespace) -> dict:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     if accelerator.is_main_process:
         if args.overwrite_output_dir and output_dir.exists():
+            logger.info("Deleting the earlier output in %s (--overwrite_output_dir): %s", output_dir,
+                        ", ".join(sorted(entry.name for entry in output_dir.iterdir())) or "nothing")
             shutil.rmtree(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
@@ -900,11 +944,14 @@ def main(args: argparse.Namespace) -> dict:
 
     global_step = resume(state, checkpoint)
     if checkpoint is not None and global_step >= state.max_train_steps:
+        # A finished run, resumed again (a restarted queue job, say), changes nothing in its output folder.
         logger.warning(
-            "%s is at step %d, which already reaches the run's %d steps, so nothing is trained; the pipeline and "
-            "samples are written from it. Pass a larger --max_train_steps to train on.",
+            "%s is at step %d, which already reaches the run's %d steps: nothing to train, and the output folder "
+            "stays as it is. Pass a larger --max_train_steps to train on.",
             checkpoint.name, global_step, state.max_train_steps,
         )
+        accelerator.end_training()
+        return {"global_step": global_step, "already_trained": True}
     first_epoch = global_step // state.num_update_steps_per_epoch
     resume_batches = (global_step % state.num_update_steps_per_epoch) * args.gradient_accumulation_steps
 
@@ -1004,6 +1051,9 @@ def main(args: argparse.Namespace) -> dict:
             save_pipeline(args, state, output_dir)
     progress.close()
     training_seconds = time.perf_counter() - start_time
+    if not out_of_time and global_step > start_step and global_step % args.checkpointing_steps:
+        # The last step's checkpoint marks the run as finished for a later --resume_from_checkpoint latest.
+        save_checkpoint_atomically(accelerator, output_dir, global_step, args.checkpoints_total_limit, checkpoint_settings())
     if out_of_time:
         # The machine ran slower than when it was timed. The skipped steps are the end of the learning-rate
         # schedule, and the checkpoint lets a later run train them.
@@ -1053,7 +1103,7 @@ def finish(args, state: TrainingSetup, global_step, start_step, training_seconds
         "training_seconds": round(earlier_seconds + training_seconds, 1),
         "training_seconds_this_run": round(training_seconds, 1) if earlier_seconds else None,
         "images_per_second": round(images_seen / max(training_seconds, 1e-9), 2),
-        "final_loss": last_loss,
+        "final_loss": last_loss if math.isfinite(last_loss) else None,
         "parameters": sum(p.numel() for p in model.parameters()),
         "nfe_per_denoising_step": nfe_per_denoising_step,
         "sampling_seconds_per_image": round(sampling_seconds / images.shape[0], 4),

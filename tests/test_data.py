@@ -204,6 +204,17 @@ def test_image_folder_loads_all_files(image_folder):
     assert infer_num_channels(dataset, "image", num_samples=len(dataset)) == 3
 
 
+def test_channel_inference_names_a_corrupt_file(tmp_path):
+    # A PNG cut inside its header fails when Pillow opens it, which `datasets` does on first access.
+    Image.fromarray(skimage_data.astronaut()[:16, :16]).save(tmp_path / "b_good.png")
+    (tmp_path / "a_cut.png").write_bytes((tmp_path / "b_good.png").read_bytes()[:20])
+    dataset = load_training_dataset(train_data_dir=str(tmp_path))
+    with pytest.raises(RuntimeError) as error:
+        infer_num_channels(dataset, "image")
+    assert "a_cut.png" in str(error.value)
+    assert "Remove or re-encode the file" in str(error.value)
+
+
 @pytest.mark.parametrize("channels", [1, 3])
 def test_image_folder_transforms_every_mode(image_folder, channels):
     dataset = load_training_dataset(train_data_dir=image_folder)

@@ -221,10 +221,36 @@ def test_resume_other_settings_rejected(tmp_path):
     assert "seed was 0 in checkpoint-2 and is 7 now" in resumed.stderr
     assert (output_dir / "checkpoint-4").is_dir()
 
-    # A checkpoint already past the asked steps trains nothing, and says so.
+    # A checkpoint already past the asked steps trains nothing, says so, and leaves the output as it was.
+    before = {name: (output_dir / name).read_bytes()
+              for name in ("unet/diffusion_pytorch_model.safetensors", "training_results.json")}
     past = launch(output_dir, "--max_train_steps", "3", "--resume_from_checkpoint", "latest", "--no-evaluate_digits",
                   "--seed", "7")
     assert "checkpoint-4 is at step 4, which already reaches the run's 3 steps" in past.stderr
+    for name, content in before.items():
+        assert (output_dir / name).read_bytes() == content, name
+
+
+def test_output_folder_with_other_files_rejected(tmp_path, monkeypatch):
+    train_cunet = load_script_module()
+    folder = tmp_path / "project"
+    (folder / "src").mkdir(parents=True)
+    (folder / "README.md").write_text("the user's own readme")
+    (folder / "notes.txt").write_text("keep me")
+    for extra in ([], ["--overwrite_output_dir"]):
+        args = train_cunet.parse_args(["--output_dir", str(folder), "--max_train_steps", "2", *extra])
+        with pytest.raises(ValueError) as error:
+            train_cunet.check_output_dir(args)
+        assert "notes.txt, src" in str(error.value)
+    assert (folder / "notes.txt").read_text() == "keep me"
+
+    # The current folder and the folders above it are never an output folder.
+    monkeypatch.chdir(folder / "src")
+    for path in (".", str(folder)):
+        args = train_cunet.parse_args(["--output_dir", path, "--overwrite_output_dir", "--max_train_steps", "2"])
+        with pytest.raises(ValueError) as error:
+            train_cunet.check_output_dir(args)
+        assert "current folder, a folder above it" in str(error.value)
 
 
 def test_new_run_in_a_folder_with_checkpoints_rejected(tmp_path):
@@ -320,6 +346,8 @@ def test_two_process_gloo_run(tmp_path):
     log = result.stderr + result.stdout
     assert "Num processes = 2" in log
     assert "Time budget = 3 steps fit in the 10-minute budget" in log
+    # Step 3 is off the 2-step checkpoint grid: the finished run still ends with a checkpoint.
+    assert (two / "checkpoint-3").is_dir()
     results = json.loads((two / "training_results.json").read_text())
     assert results["num_processes"] == 2
     assert results["process_group_backend"] == "gloo"
@@ -461,7 +489,7 @@ def test_time_budget_stops_a_run_that_runs_late(tmp_path):
     train_cunet = load_script_module()
 
     def timing_then_late(*unused, **unused_keywords):
-        # The timing says steps are nearly free, and the budget ends 2 s from now: the plan keeps all
+        # The fake timing makes steps nearly free, and the budget ends 2 s from now: the plan keeps all
         # 100,000 steps, and the deadline has to stop the run.
         train_cunet.SCRIPT_START = time.perf_counter() - (60 - train_cunet.FINISH_RESERVE_SECONDS - 2.0)
         return 1e-6, 1e-6

@@ -257,11 +257,28 @@ def infer_num_channels(dataset: datasets.Dataset, image_column: str, num_samples
         `int`: 1 when every inspected image has a grayscale mode (`"1"`, `"L"`, `"LA"`, 16-bit `"I;16"` and
         similar), else 3.
     """
-    num_samples = min(num_samples, len(dataset))
-    for image in dataset.select(range(num_samples))[image_column]:
+    for index in range(min(num_samples, len(dataset))):
+        try:
+            image = dataset[index][image_column]
+        except (OSError, SyntaxError, ValueError) as error:
+            # `datasets` decodes lazily, so a corrupt file fails on first access. The error names the file.
+            raise RuntimeError(
+                f"Failed to read training image {describe_image_source(dataset, image_column, index)!r} (dataset "
+                f"index {index}): {error}. Remove or re-encode the file."
+            ) from error
         if getattr(image, "mode", None) not in GRAYSCALE_MODES:
             return 3
     return 1
+
+
+def describe_image_source(dataset: datasets.Dataset, image_column: str, index: int) -> str:
+    """Return the file path of row `index`'s image without decoding it, or `row N` when there is none."""
+    try:
+        undecoded = dataset.cast_column(image_column, datasets.Image(decode=False))
+        path = undecoded[int(index)][image_column].get("path")
+    except (TypeError, ValueError, KeyError, AttributeError):
+        path = None
+    return path or f"row {index}"
 
 
 def _column_names(dataset: AnyDataset, explicit_column: Optional[str]) -> list[str]:

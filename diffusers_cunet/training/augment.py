@@ -147,7 +147,7 @@ class SeededTrainingDataset(torch.utils.data.Dataset):
             source = self._describe_source(index)
             raise RuntimeError(
                 f"Failed to read training image {source!r} (dataset index {index}): {error}. "
-                "Remove or re-encode the file and restart with --resume_from_checkpoint latest."
+                "Remove or re-encode the file and restart (with --resume_from_checkpoint latest once a checkpoint exists)."
             ) from error
         label = int(row[self.label_column]) if self.label_column is not None else None
         return prepared, label
@@ -155,14 +155,9 @@ class SeededTrainingDataset(torch.utils.data.Dataset):
 
     def _describe_source(self, index: int) -> str:
         """Return the file path of row `index` without decoding it, or `row N` when there is none."""
-        import datasets
+        from ..data.loading import describe_image_source
 
-        try:
-            undecoded = self.dataset.cast_column(self.image_column, datasets.Image(decode=False))
-            path = undecoded[int(index)][self.image_column].get("path")
-        except (TypeError, ValueError, KeyError, AttributeError):
-            path = None
-        return path or f"row {index}"
+        return describe_image_source(self.dataset, self.image_column, index)
 
 
 class EpochSeededSampler(torch.utils.data.Sampler):
