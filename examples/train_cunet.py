@@ -81,8 +81,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """Keep the description's line breaks and show each option's default where it has one."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        # Unset options (None, False) take their value from the preset or the data, which their help says;
-        # helps that state their default already keep it as written.
+        # Unset options (None, False) take their value from the preset or the data, as their help states.
+        # A help text that already names its default is printed unchanged.
         if action.default in (None, False) or "default" in (action.help or "").lower():
             return action.help
         return super()._get_help_string(action)
@@ -860,8 +860,11 @@ def model_nfe_per_step(model) -> int | None:
 
 
 def written_by_this_script(entry: Path, args) -> bool:
-    """Whether a file or folder in the output folder is one that this script writes."""
-    names = {"model_index.json", "unet", "scheduler", "README.md", "samples", "training_results.json",
+    """Return whether a file or folder in the output folder is one that this script writes."""
+    if entry.name == "README.md":
+        # The model card carries the package's tag, and a user's own README.md does not.
+        return entry.is_file() and "diffusers-cunet" in entry.read_text(encoding="utf-8", errors="replace")
+    names = {"model_index.json", "unet", "scheduler", "samples", "training_results.json",
              Path(args.logging_dir).parts[0] if args.logging_dir else "logs"}
     return entry.name in names or entry.name.startswith((".tmp-", "checkpoint-"))
 
@@ -887,11 +890,13 @@ def check_output_dir(args) -> None:
         )
     foreign = sorted(entry.name for entry in output_dir.iterdir() if not written_by_this_script(entry, args))
     if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        listed = ", ".join(foreign[:3])
+        if len(foreign) > 3:
+            listed += f" and {len(foreign) - 3} more"
+        consequence = "deletes them" if args.overwrite_output_dir else "would mix its output with them"
         raise ValueError(
-            f"--output_dir {args.output_dir!r} holds files that this script did not write ({shown}); they would be "
-            f"{'deleted' if args.overwrite_output_dir else 'mixed with the run, and a README.md replaced'}. Pass an "
-            "empty or new folder."
+            f"--output_dir {args.output_dir!r} contains files that this script did not write ({listed}), and the "
+            f"run {consequence}. Pass an empty or new folder."
         )
     if args.resume_from_checkpoint or args.overwrite_output_dir:
         return

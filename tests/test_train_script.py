@@ -221,7 +221,7 @@ def test_resume_other_settings_rejected(tmp_path):
     assert "seed was 0 in checkpoint-2 and is 7 now" in resumed.stderr
     assert (output_dir / "checkpoint-4").is_dir()
 
-    # A checkpoint already past the asked steps trains nothing, says so, and leaves the output as it was.
+    # A checkpoint already past the requested steps trains nothing, logs why, and leaves the output unchanged.
     before = {name: (output_dir / name).read_bytes()
               for name in ("unet/diffusion_pytorch_model.safetensors", "training_results.json")}
     past = launch(output_dir, "--max_train_steps", "3", "--resume_from_checkpoint", "latest", "--no-evaluate_digits",
@@ -243,6 +243,15 @@ def test_output_folder_with_other_files_rejected(tmp_path, monkeypatch):
             train_cunet.check_output_dir(args)
         assert "notes.txt, src" in str(error.value)
     assert (folder / "notes.txt").read_text() == "keep me"
+
+    # A user's own README.md alone is enough to reject the folder, because the model card would replace it.
+    readme_only = tmp_path / "readme_only"
+    readme_only.mkdir()
+    (readme_only / "README.md").write_text("the user's own readme")
+    args = train_cunet.parse_args(["--output_dir", str(readme_only), "--max_train_steps", "2"])
+    with pytest.raises(ValueError) as error:
+        train_cunet.check_output_dir(args)
+    assert "(README.md)" in str(error.value)
 
     # The current folder and the folders above it are never an output folder.
     monkeypatch.chdir(folder / "src")
