@@ -13,12 +13,14 @@ loads it after `import diffusers_cunet`), with a model card, sample grids, tenso
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import logging
 import math
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -32,6 +34,8 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 import diffusers_cunet
@@ -71,10 +75,30 @@ DEFAULT_MNIST_BUDGET_MINUTES = 14.5
 LOOP_OVERHEAD = 1.0
 # Seconds kept for saving the pipeline, the card and the digit verdict after the final samples.
 FINISH_RESERVE_SECONDS = 15.0
+# The EMA state that EMAModel.save_pretrained stores in the config of a checkpoint's unet_ema folder.
+EMA_STATE_KEYS = ("decay", "min_decay", "optimization_step", "update_after_step", "use_ema_warmup", "inv_gamma", "power")
 SCRIPT_START = time.perf_counter()
 
 
 # ----------------------------------------------------------------------------- arguments
+
+
+class UsageError(ValueError):
+    """A setting or an input the user can fix. The script prints it as one error line, without a traceback."""
+
+
+@contextlib.contextmanager
+def user_input_errors():
+    """Re-raise the package's errors about user input as UsageError; their messages name the value and the fix.
+
+    They cover a missing folder or dataset, an unknown column, and a checkpoint that does not fit this run.
+    """
+    try:
+        yield
+    except UsageError:
+        raise
+    except (ValueError, FileNotFoundError, NotADirectoryError) as error:
+        raise UsageError(str(error)) from error
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -219,47 +243,47 @@ def validate_args(args: argparse.Namespace) -> None:
     for name in positive:
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise ValueError(f"--{name}={value} is invalid; it must be at least 1.")
+            raise UsageError(f"--{name}={value} is invalid; it must be at least 1.")
     for name in ("max_train_steps", "save_images_epochs", "save_images_steps", "save_model_epochs",
                  "checkpoints_total_limit", "max_train_samples", "num_class_embeds", "ode_steps", "ode_max_steps",
                  "exit_after_steps", "num_cpu_threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise ValueError(f"--{name}={value} is invalid; use a positive number or leave it unset.")
+            raise UsageError(f"--{name}={value} is invalid; use a positive number or leave it unset.")
     if args.dataloader_num_workers < 0:
-        raise ValueError(f"--dataloader_num_workers={args.dataloader_num_workers} must be 0 or more.")
+        raise UsageError(f"--dataloader_num_workers={args.dataloader_num_workers} must be 0 or more.")
     if args.time_budget_minutes is not None and not 0 < args.time_budget_minutes < math.inf:
-        raise ValueError(
+        raise UsageError(
             f"--time_budget_minutes={args.time_budget_minutes} must be a positive number of minutes, for example 14; "
             "leave it unset to train for --max_train_steps or --num_epochs."
         )
     if args.learning_rate <= 0:
-        raise ValueError(f"--learning_rate={args.learning_rate} must be positive.")
+        raise UsageError(f"--learning_rate={args.learning_rate} must be positive.")
     if args.lr_warmup_steps < 0:
-        raise ValueError(f"--lr_warmup_steps={args.lr_warmup_steps} must be 0 or more.")
+        raise UsageError(f"--lr_warmup_steps={args.lr_warmup_steps} must be 0 or more.")
     if not 0.0 <= args.adam_beta1 < 1.0 or not 0.0 <= args.adam_beta2 < 1.0:
-        raise ValueError(f"--adam_beta1={args.adam_beta1} and --adam_beta2={args.adam_beta2} must be in [0, 1).")
+        raise UsageError(f"--adam_beta1={args.adam_beta1} and --adam_beta2={args.adam_beta2} must be in [0, 1).")
     if args.snr_gamma < 0:
-        raise ValueError(f"--snr_gamma={args.snr_gamma} must be 0 (off) or positive.")
+        raise UsageError(f"--snr_gamma={args.snr_gamma} must be 0 (off) or positive.")
     for name in ("ode_rtol", "ode_atol"):
         value = getattr(args, name)
         if value is not None and value <= 0:
-            raise ValueError(f"--{name}={value} must be positive, for example 1e-3.")
+            raise UsageError(f"--{name}={value} must be positive, for example 1e-3.")
     if args.dataset_name and args.train_data_dir:
-        raise ValueError("Pass either --dataset_name or --train_data_dir, not both.")
+        raise UsageError("Pass either --dataset_name or --train_data_dir, not both.")
     if args.train_data_dir is not None and not Path(args.train_data_dir).is_dir():
-        raise FileNotFoundError(f"--train_data_dir {args.train_data_dir!r} is not a folder; pass a folder of images.")
+        raise UsageError(f"--train_data_dir {args.train_data_dir!r} is not a folder; pass a folder of images.")
     if args.model == "unet" and args.preset != "mnist_cunet":
-        raise ValueError("--preset selects a continuous U-Net preset; it does not apply to --model unet.")
+        raise UsageError("--preset selects a continuous U-Net preset; it does not apply to --model unet.")
     if args.model == "unet" and (args.ode_solver or args.ode_steps or args.ode_adjoint or args.no_attention or args.no_residual):
-        raise ValueError("ODE options and ablation switches apply to --model cunet only.")
+        raise UsageError("ODE options and ablation switches apply to --model cunet only.")
     if args.model == "unet" and args.resolution % 8:
-        raise ValueError(
+        raise UsageError(
             f"--resolution={args.resolution} does not divide by 8, which the UNet2DModel baseline's three "
             "downsamplings need; pass --resolution 32 (digits are padded) or use --model cunet, which takes any size."
         )
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise ValueError("--mixed_precision fp16 needs a CUDA GPU; on a CPU use --mixed_precision bf16 or no.")
+        raise UsageError("--mixed_precision fp16 needs a CUDA GPU; on a CPU use --mixed_precision bf16 or no.")
     if args.push_to_hub and args.hub_model_id is None:
         args.hub_model_id = Path(args.output_dir).resolve().name
     if args.num_class_embeds is not None:
@@ -319,7 +343,7 @@ def create_accelerator(args: argparse.Namespace) -> Accelerator:
     args.mixed_precision = resolve_mixed_precision(args.mixed_precision)
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         # accelerate on a CPU would silently train in float32 while the card records fp16.
-        raise ValueError(
+        raise UsageError(
             "accelerate's setting requests fp16 mixed precision, which needs a CUDA GPU; on a CPU pass "
             "--mixed_precision bf16 or no to the script, or change `accelerate config`."
         )
@@ -341,19 +365,20 @@ def load_data(args: argparse.Namespace):
     """Load the dataset and return (dataset, image column, label column, channels, dataset label)."""
     from diffusers_cunet import data as cunet_data
 
-    dataset = cunet_data.load_training_dataset(
-        dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
-        train_data_dir=args.train_data_dir, cache_dir=args.cache_dir,
-    )
-    if args.max_train_samples is not None:
-        dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
-    if len(dataset) == 0:
-        raise ValueError("The training dataset is empty; check --dataset_name or --train_data_dir.")
-    image_column = cunet_data.detect_image_column(dataset, args.image_column)
-    label_column = None
-    if args.class_conditional:
-        label_column = cunet_data.detect_label_column(dataset, args.label_column)
-    channels = args.num_channels or cunet_data.infer_num_channels(dataset, image_column)
+    with user_input_errors():
+        dataset = cunet_data.load_training_dataset(
+            dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
+            train_data_dir=args.train_data_dir, cache_dir=args.cache_dir,
+        )
+        if args.max_train_samples is not None:
+            dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
+        if len(dataset) == 0:
+            raise UsageError("The training dataset is empty; check --dataset_name or --train_data_dir.")
+        image_column = cunet_data.detect_image_column(dataset, args.image_column)
+        label_column = None
+        if args.class_conditional:
+            label_column = cunet_data.detect_label_column(dataset, args.label_column)
+        channels = args.num_channels or cunet_data.infer_num_channels(dataset, image_column)
     if args.dataset_name:
         label = args.dataset_name
     elif args.train_data_dir:
@@ -392,7 +417,30 @@ def build_model(args: argparse.Namespace, channels: int, num_classes: int | None
         overrides["use_residual"] = False
     if num_classes:
         overrides["num_class_embeds"] = num_classes
-    return presets.PRESETS[args.preset](args.resolution, channels, **overrides)
+    try:
+        return presets.PRESETS[args.preset](args.resolution, channels, **overrides)
+    except ValueError as error:
+        raise UsageError(restate_model_error(args, str(error))) from error
+
+
+def restate_model_error(args: argparse.Namespace, message: str) -> str:
+    """Restate a model-config error in the script's options (--block_out_channels, --resolution)."""
+    groups = re.match(r"norm_num_groups=(\d+) does not divide", message)
+    if groups and args.block_out_channels:
+        count = int(groups[1])
+        example = " ".join(str(count * 2**level) for level in range(len(args.block_out_channels)))
+        return (
+            f"--block_out_channels {' '.join(map(str, args.block_out_channels))} does not fit the {args.preset} "
+            f"preset, whose group norms split channels into {count} groups: every width must be a multiple of "
+            f"{count}, for example --block_out_channels {example}."
+        )
+    size = re.match(r"sample_size=.*? is too small for (\d+) levels.*at least (\d+)\.", message, re.DOTALL)
+    if size:
+        return (
+            f"--resolution {args.resolution} is too small for the model's {size[1]} levels, which halve the image "
+            f"{size[1]} times; pass --resolution {size[2]} or more, or fewer --block_out_channels."
+        )
+    return f"The {args.preset} preset rejects these options: {message}"
 
 
 def setup(args: argparse.Namespace, accelerator: Accelerator) -> TrainingSetup:
@@ -402,13 +450,13 @@ def setup(args: argparse.Namespace, accelerator: Accelerator) -> TrainingSetup:
     num_classes = None
     if args.class_conditional:
         if label_column is None:
-            raise ValueError(
+            raise UsageError(
                 f"Class-conditional training needs a label column, but the dataset has only {dataset.column_names}; "
                 "pass --label_column or drop --class_conditional/--num_class_embeds."
             )
         dataset_classes = cunet_data.get_num_classes(dataset, label_column)
         if args.num_class_embeds is not None and args.num_class_embeds < dataset_classes:
-            raise ValueError(
+            raise UsageError(
                 f"--num_class_embeds={args.num_class_embeds} is smaller than the {dataset_classes} classes in column "
                 f"{label_column!r}; pass --num_class_embeds {dataset_classes} or leave it unset."
             )
@@ -515,15 +563,16 @@ def plan_max_train_steps(
                 f"measured, {spent:.0f} s spent on start-up")
 
     if args.resume_from_checkpoint and args.max_train_steps is None:
-        checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
-        settings = read_run_settings(checkpoint) if checkpoint is not None else None
+        with user_input_errors():
+            checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+            settings = read_run_settings(checkpoint) if checkpoint is not None else None
         recorded = (settings or {}).get("may_differ", {}).get("max_train_steps")
         if isinstance(recorded, int) and recorded > 0:
             return StepPlan(recorded, f"{recorded} steps, as planned by the run that wrote {checkpoint.name}", deadline)
 
     fitting = int((deadline - time.perf_counter()) // per_step)
     if fitting < 1:
-        raise ValueError(
+        raise UsageError(
             f"--time_budget_minutes={budget:g} leaves no time to train ({measured}, and {FINISH_RESERVE_SECONDS:.0f} s "
             "kept for saving). Raise the budget, or leave --time_budget_minutes unset"
             + (" and pass --max_train_steps N" if args.max_train_steps is None else "") + " to train without a budget."
@@ -616,12 +665,29 @@ def register_ema_checkpoint_hooks(accelerator: Accelerator, ema: EMAModel, model
     def load_ema(models, input_dir):
         path = os.path.join(input_dir, "unet_ema")
         if not os.path.isdir(path):
-            raise FileNotFoundError(
+            raise UsageError(
                 f"{input_dir!r} has no unet_ema folder, but this run uses EMA; resume with --use_ema as the "
                 "checkpoint was written, or pass --no-use_ema."
             )
-        loaded = EMAModel.from_pretrained(path, model_cls=model_cls)
-        ema.load_state_dict(loaded.state_dict())
+        # Read the folder directly. EMAModel.from_pretrained passes the EMA settings to the model's config, so
+        # diffusers warns about unexpected config attributes and about a deprecated from_config call.
+        settings = model_cls.load_config(path)
+        weights_file = os.path.join(path, SAFETENSORS_WEIGHTS_NAME)
+        if not os.path.isfile(weights_file):
+            raise UsageError(f"{path!r} has no {SAFETENSORS_WEIGHTS_NAME}; the checkpoint is incomplete, so resume from an earlier one.")
+        shadow = load_file(weights_file)
+        model = accelerator.unwrap_model(models[0])
+        missing = [name for name, _ in model.named_parameters() if name not in shadow]
+        if missing:
+            raise UsageError(
+                f"The EMA weights in {path!r} do not match the model (missing {missing[0]} and {len(missing) - 1} more); "
+                "resume with the model settings the checkpoint was written with."
+            )
+        state = {key: settings[key] for key in EMA_STATE_KEYS if key in settings}
+        state["shadow_params"] = [
+            shadow[name].to(device=parameter.device, dtype=parameter.dtype) for name, parameter in model.named_parameters()
+        ]
+        ema.load_state_dict(state)
         ema.to(accelerator.device)
 
     accelerator.register_save_state_pre_hook(save_ema)
@@ -797,18 +863,27 @@ def log_banner(args, state: TrainingSetup) -> None:
         lines.append(f"  ODE solver = {settings.solver} x {settings.steps} step(s), backend = {settings.resolved_backend}")
     for line in lines:
         logger.info(line)
+    if args.ddpm_num_inference_steps > args.ddpm_num_steps:
+        logger.warning(
+            "--ddpm_num_inference_steps %d is more than the %d diffusion timesteps (--ddpm_num_steps); the sample "
+            "grids use %d steps.", args.ddpm_num_inference_steps, args.ddpm_num_steps, args.ddpm_num_steps,
+        )
 
 
 def find_resume_checkpoint(args, state: TrainingSetup) -> Path | None:
     """Find the checkpoint to resume from (None for a fresh run) and check that its settings fit this run."""
     if not args.resume_from_checkpoint:
         return None
-    path = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    with user_input_errors():
+        path = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if path is None:
         logger.info("No checkpoint in %s; starting a new run.", args.output_dir)
         return None
     # A checkpoint trained with another model or objective would otherwise resume silently into a mixed run.
-    for message in check_run_settings(path, run_settings(args, state)):
+    with user_input_errors():
+        checkpoint_step(path)  # a folder not named checkpoint-N fails here, before any work
+        messages = check_run_settings(path, run_settings(args, state))
+    for message in messages:
         logger.warning(message)
     return path
 
@@ -878,12 +953,12 @@ def check_output_dir(args) -> None:
     """
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
-        raise ValueError(f"--output_dir {args.output_dir!r} is a file; pass a folder path.")
+        raise UsageError(f"--output_dir {args.output_dir!r} is a file; pass a folder path.")
     if not output_dir.is_dir():
         return
     resolved = output_dir.resolve()
     if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents or resolved == Path.home().resolve():
-        raise ValueError(
+        raise UsageError(
             f"--output_dir {args.output_dir!r} is the current folder, a folder above it or the home folder; the "
             "script writes (and with --overwrite_output_dir deletes) a whole folder, so pass a folder of its own, "
             "such as the default cunet-mnist."
@@ -894,7 +969,7 @@ def check_output_dir(args) -> None:
         if len(foreign) > 3:
             listed += f" and {len(foreign) - 3} more"
         consequence = "deletes them" if args.overwrite_output_dir else "would mix its output with them"
-        raise ValueError(
+        raise UsageError(
             f"--output_dir {args.output_dir!r} contains files that this script did not write ({listed}), and the "
             f"run {consequence}. Pass an empty or new folder."
         )
@@ -902,7 +977,7 @@ def check_output_dir(args) -> None:
         return
     existing = list_checkpoints(args.output_dir)
     if existing:
-        raise ValueError(
+        raise UsageError(
             f"--output_dir {args.output_dir!r} already has checkpoints of an earlier run ({existing[0].name} to "
             f"{existing[-1].name}); a new run there would prune them and mix its checkpoints with theirs. Pass "
             "--resume_from_checkpoint latest to continue that run, --overwrite_output_dir to delete it, or another "
@@ -1158,5 +1233,16 @@ def describe_hardware(accelerator: Accelerator) -> str:
     return f"{accelerator.num_processes} process(es) on CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
 
 
+def run_from_command_line(argv: list[str] | None = None) -> int:
+    """Run the script; print a UsageError as one `error:` line (once, from the main process) and return 2."""
+    try:
+        main(parse_args(argv))
+    except UsageError as error:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main(parse_args())
+    sys.exit(run_from_command_line())

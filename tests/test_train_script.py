@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import re
 import subprocess
@@ -178,7 +179,10 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     assert "--exit_after_steps" in first.stderr
     assert (interrupted / "checkpoint-7").is_dir()
     assert not (interrupted / "model_index.json").exists()
-    launch(interrupted, "--max_train_steps", "10", "--resume_from_checkpoint", "latest", "--no-evaluate_digits")
+    resumed = launch(interrupted, "--max_train_steps", "10", "--resume_from_checkpoint", "latest", "--no-evaluate_digits")
+    # The EMA state loads without diffusers' warnings about unexpected config attributes or from_config.
+    assert "are not expected and will be ignored" not in resumed.stderr
+    assert "FutureWarning" not in resumed.stderr
 
     # Training weights at the last checkpoint and the exported EMA weights both match.
     for relative in ("checkpoint-10/model.safetensors", "unet/diffusion_pytorch_model.safetensors",
@@ -407,12 +411,15 @@ def test_sampling_restores_training_weights(tmp_path):
     assert not torch.allclose(with_ema, without_ema)
 
 
-def test_inference_steps_capped_by_ddpm_steps(tmp_path):
+def test_inference_steps_capped_by_ddpm_steps(tmp_path, caplog):
     train_cunet = load_script_module()
     args = train_cunet.parse_args(["--output_dir", str(tmp_path / "cap"), *TINY_ARGS, "--logger", "none",
                                    "--ddpm_num_steps", "10", "--ddpm_num_inference_steps", "50", "--sampler", "ddpm"])
     accelerator = train_cunet.create_accelerator(args)
     state = train_cunet.setup(args, accelerator)
+    with caplog.at_level(logging.WARNING, logger="train_cunet"):
+        train_cunet.log_banner(args, state)
+    assert "--ddpm_num_inference_steps 50 is more than the 10 diffusion timesteps" in caplog.text
     images = train_cunet.generate_samples(args, state, 1, seed=0)
     assert images.shape == (1, 1, 16, 16)
 
@@ -440,6 +447,47 @@ def test_bad_arguments_rejected(argv, message):
     with pytest.raises((ValueError, FileNotFoundError)) as error:
         train_cunet.parse_args(argv)
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize("num_processes", [1, 2])
+def test_bad_argument_prints_one_error_line(tmp_path, num_processes):
+    result = launch(tmp_path / "bad", "--learning_rate", "-1", num_processes=num_processes, check=False)
+    assert result.returncode != 0
+    # accelerate 1.16 repeats the child's last stderr line in its own error; the script prints it once.
+    errors = re.findall(r"^train_cunet\.py: error: (.*)$", result.stderr, flags=re.MULTILINE)
+    assert errors == ["--learning_rate=-1.0 must be positive."]
+    assert "UsageError" not in result.stderr
+    assert "ValueError" not in result.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--block_out_channels", "7", "12"],
+         "--block_out_channels 7 12 does not fit the mnist_cunet preset, whose group norms split channels into 8 "
+         "groups: every width must be a multiple of 8, for example --block_out_channels 8 16."),
+        (["--resolution", "3"],
+         "--resolution 3 is too small for the model's 3 levels, which halve the image 3 times; pass --resolution 9 "
+         "or more, or fewer --block_out_channels."),
+    ],
+)
+def test_model_errors_name_script_options(argv, message):
+    train_cunet = load_script_module()
+    args = train_cunet.parse_args(argv)
+    with pytest.raises(train_cunet.UsageError) as error:
+        train_cunet.build_model(args, channels=1, num_classes=None)
+    assert str(error.value) == message
+
+
+def test_checkpoint_errors_are_usage_errors(tmp_path):
+    train_cunet = load_script_module()
+    for name in ("missing", "not-a-checkpoint"):
+        args = train_cunet.parse_args(["--output_dir", str(tmp_path / "out"), "--resume_from_checkpoint",
+                                       str(tmp_path / name)])
+        with pytest.raises(train_cunet.UsageError, match=name):
+            train_cunet.find_resume_checkpoint(args, state=None)
+        (tmp_path / "not-a-checkpoint").mkdir(exist_ok=True)
 
 
 def budget_plan(train_cunet, tmp_path, argv, step_seconds=1.0, sampling_seconds=0.01):
