@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -158,15 +159,18 @@ def test_pipeline_loads_in_fresh_process(mnist_run):
     output_dir, _ = mnist_run
     code = (
         "import diffusers_cunet, torch\n"
-        "from diffusers import DDPMPipeline, DDIMScheduler\n"
+        "from diffusers import DDPMPipeline, DDIMScheduler, DPMSolverMultistepScheduler\n"
         f"pipe = DDPMPipeline.from_pretrained({str(output_dir)!r})\n"
         "pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)\n"
+        "images = pipe(batch_size=2, num_inference_steps=3, output_type='pil', generator=torch.manual_seed(0)).images\n"
+        "print(type(pipe.unet).__name__, images[0].mode, images[0].size)\n"
+        "pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type='sde-dpmsolver++')\n"
         "images = pipe(batch_size=2, num_inference_steps=3, output_type='pil', generator=torch.manual_seed(0)).images\n"
         "print(type(pipe.unet).__name__, images[0].mode, images[0].size)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().splitlines()[-1] == "ContinuousUNet2DModel L (16, 16)"
+    assert result.stdout.strip().splitlines()[-2:] == ["ContinuousUNet2DModel L (16, 16)"] * 2
 
 
 def test_resume_matches_uninterrupted_run(tmp_path):
@@ -449,6 +453,26 @@ def test_bad_arguments_rejected(argv, message):
     assert message in str(error.value)
 
 
+@pytest.mark.parametrize(
+    "argv, scheduler_class, steps",
+    [
+        ([], "DPMSolverMultistepScheduler", 50),
+        (["--sampler", "ddpm"], "DDPMScheduler", 250),
+        (["--sampler", "ddim"], "DDIMScheduler", 50),
+        (["--sampler", "ddpm", "--ddpm_num_inference_steps", "30"], "DDPMScheduler", 30),
+    ],
+)
+def test_sampler_and_default_steps(argv, scheduler_class, steps):
+    train_cunet = load_script_module()
+    args = train_cunet.parse_args(argv)
+    scheduler = train_cunet.sampling_scheduler(args, DDPMScheduler(prediction_type="v_prediction"))
+    assert type(scheduler).__name__ == scheduler_class
+    assert args.ddpm_num_inference_steps == steps
+    assert scheduler.config.prediction_type == "v_prediction"
+    if scheduler_class == "DPMSolverMultistepScheduler":
+        assert scheduler.config.algorithm_type == "sde-dpmsolver++"
+
+
 @pytest.mark.parametrize("num_processes", [1, 2])
 def test_bad_argument_prints_one_error_line(tmp_path, num_processes):
     result = launch(tmp_path / "bad", "--learning_rate", "-1", num_processes=num_processes, check=False)
@@ -552,6 +576,7 @@ def test_time_budget_stops_a_run_that_runs_late(tmp_path):
         return 1e-6, 1e-6
 
     train_cunet.time_training_step = timing_then_late
+    train_cunet.REPLAN_STEPS = None  # the loop's own timing would lower the step count before the deadline
     output_dir = tmp_path / "late"
     args = train_cunet.parse_args(["--output_dir", str(output_dir), *TINY_ARGS, "--logger", "none",
                                    "--no-evaluate_digits", "--max_train_steps", "100000", "--time_budget_minutes", "1"])
@@ -560,6 +585,68 @@ def test_time_budget_stops_a_run_that_runs_late(tmp_path):
     assert f"stopped at step {results['global_step']} when the time ran out" in results["time_budget"]
     assert (output_dir / f"checkpoint-{results['global_step']}").is_dir()
     assert (output_dir / "model_index.json").is_file()
+
+
+@pytest.mark.parametrize("timed_step_seconds", [1.0, 1e-4])
+def test_time_budget_replans_from_loop_timing(tmp_path, timed_step_seconds):
+    """A timing 30x too slow caps the run at about 100 of 200 steps, which the loop's timing raises to 200.
+
+    A timing far too fast keeps all 200 steps for a 3-second budget, which the loop's timing lowers.
+    """
+    train_cunet = load_script_module()
+
+    def fake_timing(*unused, **unused_keywords):
+        train_cunet.SCRIPT_START = time.perf_counter()
+        return timed_step_seconds, 1e-4
+
+    train_cunet.time_training_step = fake_timing
+    train_cunet.REPLAN_STEPS = (2, 6)
+    budget = "2" if timed_step_seconds == 1.0 else "0.3"  # 105 s or 3 s of training after the 15-s reserve
+    output_dir = tmp_path / f"replan{budget}"
+    args = train_cunet.parse_args(["--output_dir", str(output_dir), *TINY_ARGS, "--logger", "none", "--no-evaluate_digits",
+                                   "--max_train_steps", "200", "--time_budget_minutes", budget])
+    results = train_cunet.main(args)
+    note = results["time_budget"]
+    assert re.search(r"; set to \d+ steps after step 6, at 0\.\d+ s per step in the training loop", note)
+    assert "when the time ran out" not in note
+    settings = json.loads((output_dir / f"checkpoint-{results['global_step']}" / "run_settings.json").read_text())
+    assert settings["may_differ"]["max_train_steps"] == results["global_step"]
+    if timed_step_seconds == 1.0:
+        assert "of 200 steps, capped by the 2-minute budget" in note
+        assert results["global_step"] == 200
+    else:
+        assert "200 steps fit in the 0.3-minute budget" in note
+        assert 6 < results["global_step"] < 200
+
+
+def test_replan_moves_the_lr_schedule_to_the_new_total():
+    train_cunet = load_script_module()
+    args = train_cunet.parse_args(["--lr_warmup_steps", "5"])
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([parameter], lr=args.learning_rate)
+    state = types.SimpleNamespace(
+        accelerator=train_cunet.Accelerator(cpu=True), deadline=time.perf_counter() + 1000.0, target_steps=100,
+        max_train_steps=40, sampling_seconds_per_step=0.0, budget_note="planned", num_update_steps_per_epoch=8,
+        lr_scheduler=train_cunet.make_lr_scheduler(args, optimizer, 40, 1),
+    )
+    for _ in range(10):
+        optimizer.step()
+        state.lr_scheduler.step()
+    assert train_cunet.replan_max_train_steps(args, state, 10, loop_seconds=0.01) == 100
+    assert state.num_epochs == 13
+
+    # From here on the learning rate equals that of a schedule planned for 100 steps from the start.
+    reference_optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
+    reference = train_cunet.make_lr_scheduler(args, reference_optimizer, 100, 1)
+    for _ in range(10):
+        reference_optimizer.step()
+        reference.step()
+    for _ in range(90):
+        for scheduler in (state.lr_scheduler, reference):
+            scheduler.optimizer.step()
+            scheduler.step()
+        assert state.lr_scheduler.get_last_lr() == pytest.approx(reference.get_last_lr(), abs=1e-12)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_time_budget_run_records_the_plan(tmp_path):
