@@ -591,7 +591,8 @@ def test_time_budget_stops_a_run_that_runs_late(tmp_path):
 def test_time_budget_replans_from_loop_timing(tmp_path, timed_step_seconds):
     """A timing 30x too slow caps the run at about 100 of 200 steps, which the loop's timing raises to 200.
 
-    A timing far too fast keeps all 200 steps for a 3-second budget, which the loop's timing lowers.
+    A timing far too fast keeps all 200 steps for a 3-second budget, which the loop's timing lowers. On a busy
+    machine the deadline may still stop that run a few steps early, so only the lowered count is checked there.
     """
     train_cunet = load_script_module()
 
@@ -607,16 +608,17 @@ def test_time_budget_replans_from_loop_timing(tmp_path, timed_step_seconds):
                                    "--max_train_steps", "200", "--time_budget_minutes", budget])
     results = train_cunet.main(args)
     note = results["time_budget"]
-    assert re.search(r"; set to \d+ steps after step 6, at 0\.\d+ s per step in the training loop", note)
-    assert "when the time ran out" not in note
+    replanned = re.search(r"; set to (\d+) steps after step 6, at 0\.\d+ s per step in the training loop", note)
+    assert replanned
     settings = json.loads((output_dir / f"checkpoint-{results['global_step']}" / "run_settings.json").read_text())
-    assert settings["may_differ"]["max_train_steps"] == results["global_step"]
+    assert settings["may_differ"]["max_train_steps"] == int(replanned[1])
     if timed_step_seconds == 1.0:
         assert "of 200 steps, capped by the 2-minute budget" in note
         assert results["global_step"] == 200
+        assert "when the time ran out" not in note
     else:
         assert "200 steps fit in the 0.3-minute budget" in note
-        assert 6 < results["global_step"] < 200
+        assert 6 < int(replanned[1]) < 200
 
 
 def test_replan_moves_the_lr_schedule_to_the_new_total():
