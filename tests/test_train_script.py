@@ -621,7 +621,7 @@ def test_time_budget_replans_from_loop_timing(tmp_path, timed_step_seconds):
         assert 6 < int(replanned[1]) < 200
 
 
-def test_replan_moves_the_lr_schedule_to_the_new_total():
+def test_replan_lr_schedule_new_total():
     train_cunet = load_script_module()
     args = train_cunet.parse_args(["--lr_warmup_steps", "5"])
     parameter = torch.nn.Parameter(torch.zeros(1))
