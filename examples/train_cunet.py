@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import fnmatch
 import itertools
 import json
 import logging
@@ -79,9 +80,9 @@ LOOP_OVERHEAD = 1.0
 # Seconds kept for saving the pipeline, the card and the digit verdict after the final samples.
 FINISH_RESERVE_SECONDS = 15.0
 # A budget-capped run times its own loop between these two optimizer steps and sets its step count again,
-# because the timing before training can be off by 10-20% on a shared machine. Step 50 is inside the
-# default 100 warm-up steps, before the learning-rate schedule depends on the step count.
-REPLAN_STEPS = (10, 50)
+# because the timing before training can be off by 10-20% on a shared machine. Step 100 ends the default
+# warm-up, where the learning rate is the peak rate whatever the step count, so the schedule does not jump.
+REPLAN_STEPS = (10, 100)
 # The EMA state that EMAModel.save_pretrained stores in the config of a checkpoint's unet_ema folder.
 EMA_STATE_KEYS = ("decay", "min_decay", "optimization_step", "update_after_step", "use_ema_warmup", "inv_gamma", "power")
 SCRIPT_START = time.perf_counter()
@@ -266,8 +267,16 @@ def validate_args(args: argparse.Namespace) -> None:
             f"--time_budget_minutes={args.time_budget_minutes} must be a positive number of minutes, for example 14; "
             "leave it unset to train for --max_train_steps or --num_epochs."
         )
-    if args.learning_rate <= 0:
-        raise UsageError(f"--learning_rate={args.learning_rate} must be positive.")
+    for name in ("learning_rate", "adam_epsilon", "ema_inv_gamma", "ema_power"):
+        value = getattr(args, name)
+        if not 0 < value < math.inf:
+            raise UsageError(f"--{name}={value} is invalid; it must be a positive, finite number.")
+    if not 0 <= args.max_grad_norm < math.inf:
+        raise UsageError(f"--max_grad_norm={args.max_grad_norm} is invalid; pass a positive norm such as 1.0, or 0 to "
+                         "turn gradient clipping off.")
+    if not 0 <= args.ema_max_decay <= 1 or not 0 <= args.adam_weight_decay < math.inf:
+        raise UsageError(f"--ema_max_decay={args.ema_max_decay} must be in [0, 1] and --adam_weight_decay="
+                         f"{args.adam_weight_decay} must be 0 or more.")
     if args.lr_warmup_steps < 0:
         raise UsageError(f"--lr_warmup_steps={args.lr_warmup_steps} must be 0 or more.")
     if not 0.0 <= args.adam_beta1 < 1.0 or not 0.0 <= args.adam_beta2 < 1.0:
@@ -299,6 +308,17 @@ def validate_args(args: argparse.Namespace) -> None:
         args.class_conditional = True
     if args.ddpm_num_inference_steps is None:
         args.ddpm_num_inference_steps = 250 if args.sampler == "ddpm" else 50
+    if args.sampler == "sde-dpmsolver++" and args.ddpm_num_inference_steps >= args.ddpm_num_steps:
+        # diffusers 0.42's DPM-Solver++ gave non-finite samples at 1,000 of 1,000 timesteps (999 worked).
+        raise UsageError(
+            f"--ddpm_num_inference_steps {args.ddpm_num_inference_steps} with --sampler sde-dpmsolver++ must be below "
+            f"the {args.ddpm_num_steps} diffusion timesteps (--ddpm_num_steps); about 50 steps suit this sampler."
+        )
+    if args.resume_from_checkpoint and args.overwrite_output_dir:
+        raise UsageError(
+            "--overwrite_output_dir deletes the checkpoints that --resume_from_checkpoint continues from; pass "
+            "--resume_from_checkpoint to continue the run, or --overwrite_output_dir to start it again."
+        )
 
 
 # ----------------------------------------------------------------------------- setup
@@ -943,7 +963,15 @@ def find_resume_checkpoint(args, state: TrainingSetup) -> Path | None:
         return None
     # A checkpoint trained with another model or objective would otherwise resume silently into a mixed run.
     with user_input_errors():
-        checkpoint_step(path)  # a folder not named checkpoint-N fails here, before any work
+        step = checkpoint_step(path)  # a folder not named checkpoint-N fails here, before any work
+    newer = [other.name for other in list_checkpoints(args.output_dir) if checkpoint_step(other) > step]
+    if newer and path.resolve().parent == Path(args.output_dir).resolve():
+        raise UsageError(
+            f"{path.name} is older than {', '.join(newer)} in --output_dir {args.output_dir!r}, which a run resumed "
+            f"from it would overwrite, with the saved pipeline. Resume with --resume_from_checkpoint latest, move the "
+            f"newer checkpoints out of the folder first, or copy {path.name} into a new --output_dir and resume there."
+        )
+    with user_input_errors():
         messages = check_run_settings(path, run_settings(args, state))
     for message in messages:
         logger.warning(message)
@@ -1001,9 +1029,22 @@ def written_by_this_script(entry: Path, args) -> bool:
     if entry.name == "README.md":
         # The model card carries the package's tag, and a user's own README.md does not.
         return entry.is_file() and "diffusers-cunet" in entry.read_text(encoding="utf-8", errors="replace")
-    names = {"model_index.json", "unet", "scheduler", "samples", "training_results.json",
-             Path(args.logging_dir).parts[0] if args.logging_dir else "logs"}
-    return entry.name in names or entry.name.startswith((".tmp-", "checkpoint-"))
+    logs = Path(args.logging_dir).parts[0] if args.logging_dir else "logs"
+    # The files the script writes inside its subfolders, so that --overwrite_output_dir deletes no others.
+    folder_contents = {
+        "unet": ("config.json", "diffusion_pytorch_model.safetensors"),
+        "scheduler": ("scheduler_config.json",),
+        "samples": ("final.png", "step-*.png", "epoch-*.png", "*.tmp.png"),
+        # The trackers write their own files below a folder named after the run's project (or wandb's).
+        logs: ("train_cunet/*", "wandb/*"),
+    }
+    if entry.name in folder_contents:
+        if not entry.is_dir():
+            return False
+        patterns = folder_contents[entry.name]
+        return all(path.is_dir() or any(fnmatch.fnmatch(path.relative_to(entry).as_posix(), pattern) for pattern in patterns)
+                   for path in entry.rglob("*"))
+    return entry.name in ("model_index.json", "training_results.json") or entry.name.startswith((".tmp-", "checkpoint-"))
 
 
 def check_output_dir(args) -> None:
@@ -1078,11 +1119,18 @@ def main(args: argparse.Namespace) -> dict:
 
     if args.push_to_hub and accelerator.is_main_process:
         # Create the repo before training, so a bad token or an unreachable Hub fails in seconds.
-        from huggingface_hub import create_repo
+        from huggingface_hub import constants, create_repo
 
-        args.hub_model_id = create_repo(
-            args.hub_model_id, exist_ok=True, private=args.hub_private_repo, token=args.hub_token
-        ).repo_id
+        try:
+            args.hub_model_id = create_repo(
+                args.hub_model_id, exist_ok=True, private=args.hub_private_repo, token=args.hub_token
+            ).repo_id
+        except Exception as error:  # network, authentication and permission errors all end the run here
+            raise UsageError(
+                f"Failed to create the Hub repo {args.hub_model_id!r} at {constants.ENDPOINT} for --push_to_hub "
+                f"({type(error).__name__}: {error}). Check the network, HF_ENDPOINT and --hub_token, or drop "
+                "--push_to_hub and upload the output folder later."
+            ) from error
 
     global_step = resume(state, checkpoint)
     if checkpoint is not None and global_step >= state.max_train_steps:

@@ -442,6 +442,12 @@ def test_inference_steps_capped_by_ddpm_steps(tmp_path, caplog):
         (["--model", "unet", "--resolution", "28"], "--resolution=28"),
         (["--time_budget_minutes", "0"], "--time_budget_minutes=0"),
         (["--time_budget_minutes", "nan"], "--time_budget_minutes=nan"),
+        (["--max_grad_norm", "-1"], "--max_grad_norm=-1.0"),
+        (["--learning_rate", "nan"], "--learning_rate=nan"),
+        (["--learning_rate", "inf"], "--learning_rate=inf"),
+        (["--ema_inv_gamma", "0"], "--ema_inv_gamma=0.0"),
+        (["--ddpm_num_inference_steps", "1000"], "must be below the 1000 diffusion timesteps"),
+        (["--resume_from_checkpoint", "latest", "--overwrite_output_dir"], "--overwrite_output_dir deletes the checkpoints"),
     ],
 )
 def test_bad_arguments_rejected(argv, message):
@@ -479,7 +485,7 @@ def test_bad_argument_prints_one_error_line(tmp_path, num_processes):
     assert result.returncode != 0
     # accelerate 1.16 repeats the child's last stderr line in its own error; the script prints it once.
     errors = re.findall(r"^train_cunet\.py: error: (.*)$", result.stderr, flags=re.MULTILINE)
-    assert errors == ["--learning_rate=-1.0 must be positive."]
+    assert errors == ["--learning_rate=-1.0 is invalid; it must be a positive, finite number."]
     assert "UsageError" not in result.stderr
     assert "ValueError" not in result.stderr
     assert not (tmp_path / "bad").exists()
@@ -502,6 +508,52 @@ def test_model_errors_name_script_options(argv, message):
     with pytest.raises(train_cunet.UsageError) as error:
         train_cunet.build_model(args, channels=1, num_classes=None)
     assert str(error.value) == message
+
+
+def test_overwrite_keeps_user_files_in_subfolders(tmp_path):
+    train_cunet = load_script_module()
+    output_dir = tmp_path / "out"
+    (output_dir / "samples").mkdir(parents=True)
+    (output_dir / "logs" / "train_cunet").mkdir(parents=True)
+    (output_dir / "model_index.json").write_text("{}")
+    (output_dir / "samples" / "final.png").write_bytes(b"png")
+    (output_dir / "logs" / "train_cunet" / "events.out.tfevents.1.host").write_bytes(b"events")
+    args = train_cunet.parse_args(["--output_dir", str(output_dir), "--overwrite_output_dir"])
+    train_cunet.check_output_dir(args)  # only the script's own files: accepted
+
+    (output_dir / "samples" / "notes.txt").write_text("mine")
+    with pytest.raises(train_cunet.UsageError, match=r"did not write \(samples\)"):
+        train_cunet.check_output_dir(args)
+
+
+def test_resume_from_older_checkpoint_rejected(tmp_path):
+    train_cunet = load_script_module()
+    output_dir = tmp_path / "out"
+    for step in (3, 6):
+        (output_dir / f"checkpoint-{step}").mkdir(parents=True)
+    args = train_cunet.parse_args(["--output_dir", str(output_dir), "--resume_from_checkpoint", "checkpoint-3"])
+    with pytest.raises(train_cunet.UsageError) as error:
+        train_cunet.find_resume_checkpoint(args, state=None)
+    assert "checkpoint-3 is older than checkpoint-6" in str(error.value)
+    assert "--resume_from_checkpoint latest" in str(error.value)
+
+
+def test_unreachable_hub_fails_in_one_line(tmp_path):
+    import socket
+
+    with socket.socket() as probe:  # a loopback port that nothing listens on once the socket closes
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = launch(tmp_path / "hub", "--max_train_steps", "2", "--push_to_hub", "--hub_model_id", "user/cunet",
+                    env={"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_TOKEN": "hf_unused"}, check=False)
+    assert result.returncode != 0
+    # accelerate repeats the tail of the child's stderr in its own error, so the same line may come twice.
+    errors = set(re.findall(r"^train_cunet\.py: error: (.*)$", result.stderr, flags=re.MULTILINE))
+    assert len(errors) == 1
+    errors = sorted(errors)
+    assert f"Failed to create the Hub repo 'user/cunet' at http://127.0.0.1:{port} for --push_to_hub" in errors[0]
+    assert "Running training" in result.stderr  # the banner comes first; no step trains
+    assert not (tmp_path / "hub" / "checkpoint-2").exists()
 
 
 def test_checkpoint_errors_are_usage_errors(tmp_path):
