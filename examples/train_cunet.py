@@ -274,9 +274,10 @@ def validate_args(args: argparse.Namespace) -> None:
     if not 0 <= args.max_grad_norm < math.inf:
         raise UsageError(f"--max_grad_norm={args.max_grad_norm} is invalid; pass a positive norm such as 1.0, or 0 to "
                          "turn gradient clipping off.")
-    if not 0 <= args.ema_max_decay <= 1 or not 0 <= args.adam_weight_decay < math.inf:
-        raise UsageError(f"--ema_max_decay={args.ema_max_decay} must be in [0, 1] and --adam_weight_decay="
-                         f"{args.adam_weight_decay} must be 0 or more.")
+    if not 0 <= args.ema_max_decay <= 1:
+        raise UsageError(f"--ema_max_decay={args.ema_max_decay} is invalid; pass a decay in [0, 1], such as 0.9999.")
+    if not 0 <= args.adam_weight_decay < math.inf:
+        raise UsageError(f"--adam_weight_decay={args.adam_weight_decay} is invalid; pass 0 or a positive, finite number.")
     if args.lr_warmup_steps < 0:
         raise UsageError(f"--lr_warmup_steps={args.lr_warmup_steps} must be 0 or more.")
     if not 0.0 <= args.adam_beta1 < 1.0 or not 0.0 <= args.adam_beta2 < 1.0:
@@ -575,6 +576,7 @@ def replan_max_train_steps(args, state: TrainingSetup, global_step: int, loop_se
     figures = accelerator.gather(torch.tensor([[loop_seconds, remaining]], device=accelerator.device)).reshape(-1, 2)
     loop_seconds = figures[:, 0].max().item()
     remaining = figures[:, 1].min().item()
+    # NOTE: grids sampled between the two timed steps count twice here, which lowers the count slightly.
     per_step = loop_seconds + state.sampling_seconds_per_step
     steps = min(state.target_steps, global_step + max(1, int(remaining // per_step)))
     if steps == state.max_train_steps:
@@ -628,9 +630,9 @@ def plan_max_train_steps(
 
     step_seconds, sampling_seconds = time_training_step(args, accelerator, model, noise_scheduler, channels, num_classes)
     final_sampling = sampling_seconds * min(args.ddpm_num_inference_steps, args.ddpm_num_steps)
-    per_step = step_seconds * LOOP_OVERHEAD
-    if args.save_images_steps:
-        per_step += final_sampling / args.save_images_steps
+    # In-training sample grids add their sampling time, spread over the steps between them.
+    grid_share = final_sampling / args.save_images_steps if args.save_images_steps else 0.0
+    per_step = step_seconds * LOOP_OVERHEAD + grid_share
     deadline = SCRIPT_START + budget * 60 - final_sampling - FINISH_RESERVE_SECONDS
     spent = time.perf_counter() - SCRIPT_START
     measured = (f"{step_seconds:.3f} s per training step and {final_sampling:.0f} s for the final samples "
@@ -653,7 +655,6 @@ def plan_max_train_steps(
             "kept for saving). Raise the budget, or leave --time_budget_minutes unset"
             + (" and pass --max_train_steps N" if args.max_train_steps is None else "") + " to train without a budget."
         )
-    grid_share = per_step - step_seconds * LOOP_OVERHEAD
     if fitting >= steps:
         return StepPlan(steps, f"{steps} steps fit in the {budget:g}-minute budget ({measured})", deadline,
                         target_steps=steps, sampling_seconds_per_step=grid_share)
@@ -753,7 +754,9 @@ def register_ema_checkpoint_hooks(accelerator: Accelerator, ema: EMAModel, model
         settings = model_cls.load_config(path)
         weights_file = os.path.join(path, SAFETENSORS_WEIGHTS_NAME)
         if not os.path.isfile(weights_file):
-            raise UsageError(f"{path!r} has no {SAFETENSORS_WEIGHTS_NAME}; the checkpoint is incomplete, so resume from an earlier one.")
+            raise UsageError(
+                f"{path!r} is missing {SAFETENSORS_WEIGHTS_NAME}, so the checkpoint is incomplete; resume from an earlier one."
+            )
         shadow = load_file(weights_file)
         model = accelerator.unwrap_model(models[0])
         missing = [name for name, _ in model.named_parameters() if name not in shadow]
