@@ -65,11 +65,10 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 SAMPLERS = ("sde-dpmsolver++", "ddpm", "ddim")
-# Steps of the default run on the embedded digits. On a 2-core AMD EPYC CPU with AVX512-BF16, a bf16 step
-# of the mnist_cunet preset took about 0.235 s at batch 64 (272 images/s in 1,500-step runs), so the whole
-# run ended in 13.5 minutes. CPUs without native bf16 train in float32 and are slower, so the default run
-# also has a time budget that lowers the step count where needed (see plan_max_train_steps).
-DEFAULT_MNIST_STEPS = 3300
+# Steps of the default run on the embedded digits: 6,000 steps at batch 64 are about 77 epochs of the 5,000
+# digits. A 2-core CPU fits fewer in the default run's time budget (see plan_max_train_steps): about 3,400
+# float32 steps of the mnist_cunet preset on a 2-core AMD EPYC with AVX2. GPUs train them all in minutes.
+DEFAULT_MNIST_STEPS = 6000
 # Whole-run budget of the default run, from the script's start. `accelerate launch` and the imports take
 # about 10 s more before that, so the run ends within 15 minutes.
 DEFAULT_MNIST_BUDGET_MINUTES = 14.5
@@ -148,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model_config_name_or_path", type=str, default=None,
                        help="A model config (folder or config.json) to build instead of a preset.")
     model.add_argument("--block_out_channels", type=int, nargs="+", default=None, help="Override the preset's level widths.")
+    model.add_argument("--patch_size", type=int, default=None,
+                       help="Override the preset's patch size: the first level runs at 1/N of the resolution.")
     model.add_argument("--ode_solver", choices=ODE_SOLVERS, default=None, help="ODE solver of the dynamic blocks.")
     model.add_argument("--ode_steps", type=int, default=None, help="Steps per dynamic block for fixed-step solvers.")
     model.add_argument("--ode_rtol", type=float, default=None, help="Relative tolerance of adaptive solvers.")
@@ -186,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     optimization.add_argument("--eval_batch_size", type=int, default=64, help="Number of images in each sample grid.")
     optimization.add_argument("--num_epochs", type=int, default=100, help="Epochs, unless --max_train_steps is set.")
     optimization.add_argument("--max_train_steps", type=int, default=None,
-                              help="Optimizer steps to train for; overrides --num_epochs. Default: 3300 on the embedded "
+                              help="Optimizer steps to train for; overrides --num_epochs. Default: 6000 on the embedded "
                                    "MNIST data, fewer where --time_budget_minutes requires it.")
     optimization.add_argument("--time_budget_minutes", type=float, default=None,
                               help="Wall-clock budget of the whole run. Before training, the script times a few steps "
@@ -256,7 +257,7 @@ def validate_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name}={value} is invalid; it must be at least 1.")
     for name in ("max_train_steps", "save_images_epochs", "save_images_steps", "save_model_epochs",
                  "checkpoints_total_limit", "max_train_samples", "num_class_embeds", "ode_steps", "ode_max_steps",
-                 "exit_after_steps", "num_cpu_threads"):
+                 "exit_after_steps", "num_cpu_threads", "patch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name}={value} is invalid; use a positive number or leave it unset.")
@@ -442,7 +443,7 @@ def build_model(args: argparse.Namespace, channels: int, num_classes: int | None
         # New widths also move the bottleneck to the last width (the preset's own rule).
         overrides["block_out_channels"] = tuple(args.block_out_channels)
         overrides["mid_block_channels"] = args.block_out_channels[-1]
-    for option, key in (("ode_solver", "ode_solver"), ("ode_steps", "ode_steps"), ("ode_rtol", "ode_rtol"),
+    for option, key in (("patch_size", "patch_size"), ("ode_solver", "ode_solver"), ("ode_steps", "ode_steps"), ("ode_rtol", "ode_rtol"),
                         ("ode_atol", "ode_atol"), ("ode_max_steps", "ode_max_steps"), ("ode_backend", "ode_backend"),
                         ("dropout", "dropout")):
         value = getattr(args, option)
@@ -472,6 +473,12 @@ def restate_model_error(args: argparse.Namespace, message: str) -> str:
             f"--block_out_channels {' '.join(map(str, args.block_out_channels))} does not fit the {args.preset} "
             f"preset, whose group norms split channels into {count} groups: every width must be a multiple of "
             f"{count}, for example --block_out_channels {example}."
+        )
+    patch = re.match(r"sample_size=.*? is not a multiple of patch_size=(\d+)", message)
+    if patch:
+        return (
+            f"--resolution {args.resolution} is not a multiple of the model's patch size {patch[1]}; pass a "
+            f"--resolution that is, or --patch_size 1."
         )
     size = re.match(r"sample_size=.*? is too small for (\d+) levels.*at least (\d+)\.", message, re.DOTALL)
     if size:
@@ -612,7 +619,7 @@ def plan_max_train_steps(
 ) -> StepPlan:
     """Choose the run's optimizer steps and, under a time budget, the time by which training must stop.
 
-    The steps come from --max_train_steps, else 3,300 on the embedded data, else --num_epochs. A time
+    The steps come from --max_train_steps, else 6,000 on the embedded data, else --num_epochs. A time
     budget then caps them: the steps that fit after the time spent so far, the final sampling and the
     saving. A run resumed without --max_train_steps keeps the step count its checkpoint recorded, so it
     ends where the interrupted run would have ended. Since a machine can slow down after the timing,
@@ -628,6 +635,14 @@ def plan_max_train_steps(
     if budget is None:
         return StepPlan(steps)
 
+    # A resumed run's checkpoint is read before the timing, so a wrong path fails at once.
+    checkpoint, recorded = None, None
+    if args.resume_from_checkpoint and args.max_train_steps is None:
+        with user_input_errors():
+            checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+            settings = read_run_settings(checkpoint) if checkpoint is not None else None
+        recorded = (settings or {}).get("may_differ", {}).get("max_train_steps")
+
     step_seconds, sampling_seconds = time_training_step(args, accelerator, model, noise_scheduler, channels, num_classes)
     final_sampling = sampling_seconds * min(args.ddpm_num_inference_steps, args.ddpm_num_steps)
     # In-training sample grids add their sampling time, spread over the steps between them.
@@ -638,13 +653,8 @@ def plan_max_train_steps(
     measured = (f"{step_seconds:.3f} s per training step and {final_sampling:.0f} s for the final samples "
                 f"measured, {spent:.0f} s spent on start-up")
 
-    if args.resume_from_checkpoint and args.max_train_steps is None:
-        with user_input_errors():
-            checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
-            settings = read_run_settings(checkpoint) if checkpoint is not None else None
-        recorded = (settings or {}).get("may_differ", {}).get("max_train_steps")
-        if isinstance(recorded, int) and recorded > 0:
-            return StepPlan(recorded, f"{recorded} steps, as planned by the run that wrote {checkpoint.name}", deadline)
+    if isinstance(recorded, int) and recorded > 0:
+        return StepPlan(recorded, f"{recorded} steps, as planned by the run that wrote {checkpoint.name}", deadline)
 
     fitting = int((deadline - time.perf_counter()) // per_step)
     # Each rank reads its own clock, so the ranks take the smallest count to train the same steps.
@@ -1360,13 +1370,28 @@ def describe_hardware(accelerator: Accelerator) -> str:
 
 def run_from_command_line(argv: list[str] | None = None) -> int:
     """Run the script; print a UsageError as one `error:` line (once, from the main process) and return 2."""
+    created_output_dir = None
     try:
-        main(parse_args(argv))
+        args = parse_args(argv)
+        if not Path(args.output_dir).exists():
+            created_output_dir = Path(args.output_dir)
+        main(args)
     except UsageError as error:
         if os.environ.get("RANK", "0") == "0":
             print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
+            if created_output_dir is not None:
+                remove_unused_output_dir(created_output_dir)
         return 2
     return 0
+
+
+def remove_unused_output_dir(output_dir: Path) -> None:
+    """Delete an output folder that a failed run created, if it contains no weights, only the run's own logs."""
+    if not output_dir.is_dir():
+        return
+    if any(output_dir.glob("checkpoint-*")) or (output_dir / "unet").exists() or (output_dir / "model_index.json").exists():
+        return
+    shutil.rmtree(output_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -158,6 +158,32 @@ def test_sampling_without_pipeline_skips_quality(tmp_path):
 
 
 @pytest.mark.slow
+def test_digit_samplers_quick_table(tiny_pipeline):
+    output = run_benchmark("bench_digit_samplers.py", "--pipeline", str(tiny_pipeline),
+                           "--samplers", "sde-dpmsolver++:2", "ddim-eta1:3")
+    rows = {(row[0], row[1]): row[2:] for row in table_rows(output) if row[0] != "sampler"}
+
+    assert_provenance(output, "bench_digit_samplers.py")
+    assert set(rows) == {("sde-dpmsolver++", "2"), ("ddim-eta1", "3")}
+    for share, per_seed, classes, seconds in rows.values():
+        assert re.fullmatch(r"\d+%", share)
+        assert re.fullmatch(r"\d+%", per_seed)
+        assert classes.isdigit()
+        assert float(seconds) > 0
+    assert f"the trained pipeline in `{tiny_pipeline}`" in output
+
+
+def test_digit_samplers_bad_entry_named():
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_digit_samplers.py"), "--no-write", "--samplers", "ddpm:fifty"],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "--samplers entry 'ddpm:fifty' is invalid" in result.stderr
+    assert "sde-dpmsolver++:50" in result.stderr
+
+
+@pytest.mark.slow
 def test_train_step_quick_table():
     output = run_benchmark("bench_train_step.py")
     rows = {row[0]: row[1:] for row in table_rows(output) if row[0] != "variant"}

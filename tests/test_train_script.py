@@ -371,6 +371,8 @@ def test_two_process_gloo_run(tmp_path):
     checksums = _checksums(log)
     assert sorted(checksums) == [0, 1]
     assert checksums[0] == checksums[1]
+    # Every gradient keeps the layout of DistributedDataParallel's buckets.
+    assert "Grad strides do not match bucket view strides" not in log
 
     single = launch(one, "--max_train_steps", "3", "--no-evaluate_digits")
     assert _checksums(single.stderr + single.stdout)[0] != checksums[0]
@@ -497,9 +499,11 @@ def test_bad_argument_prints_one_error_line(tmp_path, num_processes):
         (["--block_out_channels", "7", "12"],
          "--block_out_channels 7 12 does not fit the mnist_cunet preset, whose group norms split channels into 8 "
          "groups: every width must be a multiple of 8, for example --block_out_channels 8 16."),
-        (["--resolution", "3"],
-         "--resolution 3 is too small for the model's 3 levels, which halve the image 3 times; pass --resolution 9 "
+        (["--resolution", "6"],
+         "--resolution 6 is too small for the model's 2 levels, which halve the image 2 times; pass --resolution 10 "
          "or more, or fewer --block_out_channels."),
+        (["--resolution", "30", "--patch_size", "4"],
+         "--resolution 30 is not a multiple of the model's patch size 4; pass a --resolution that is, or --patch_size 1."),
     ],
 )
 def test_model_errors_name_script_options(argv, message):
@@ -553,7 +557,8 @@ def test_unreachable_hub_fails_in_one_line(tmp_path):
     errors = sorted(errors)
     assert f"Failed to create the Hub repo 'user/cunet' at http://127.0.0.1:{port} for --push_to_hub" in errors[0]
     assert "Running training" in result.stderr  # the banner comes first; no step trains
-    assert not (tmp_path / "hub" / "checkpoint-2").exists()
+    # The run created the output folder and wrote only its logs there, so it removes the folder again.
+    assert not (tmp_path / "hub").exists()
 
 
 def test_checkpoint_errors_are_usage_errors(tmp_path):
@@ -616,6 +621,25 @@ def test_time_budget_resume_keeps_the_planned_steps(tmp_path):
     steps, note = budget_plan(train_cunet, tmp_path, ["--resume_from_checkpoint", "latest"], step_seconds=1e6)
     assert steps == 123
     assert "checkpoint-100" in note
+
+
+def test_time_budget_resume_path_checked_before_timing(tmp_path):
+    train_cunet = load_script_module()
+    timed = []
+
+    def timing(*unused, **unused_keywords):
+        timed.append(True)
+        return 1.0, 0.01
+
+    args = train_cunet.parse_args(["--output_dir", str(tmp_path / "budget"), *TINY_ARGS, "--logger", "none",
+                                   "--resume_from_checkpoint", str(tmp_path / "checkpoint-7")])
+    accelerator = train_cunet.create_accelerator(args)
+    train_cunet.time_training_step = timing
+    model = train_cunet.build_model(args, 1, None)
+    with pytest.raises(train_cunet.UsageError) as error:
+        train_cunet.plan_max_train_steps(args, accelerator, model, DDPMScheduler(), 1, None, 4)
+    assert "checkpoint-7" in str(error.value)
+    assert not timed
 
 
 def test_time_budget_stops_a_run_that_runs_late(tmp_path):

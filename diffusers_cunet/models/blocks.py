@@ -218,10 +218,12 @@ class SpatialSelfAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = hidden_states.shape
-        # The norm runs in float32, also for bf16/fp16 inputs or weights and under autocast.
+        # The norm runs in float32, also for bf16/fp16 inputs or weights and under autocast. The result is made
+        # contiguous again: from a channels-last input, oneDNN gave the 1x1 convs' weight gradients channels-last
+        # strides at batch 64, and DistributedDataParallel warned that they do not match its bucket views.
         normed = F.rms_norm(
             hidden_states.permute(0, 2, 3, 1).float(), (channels,), self.norm.weight.float(), self.norm.eps
-        ).permute(0, 3, 1, 2).to(hidden_states.dtype)
+        ).permute(0, 3, 1, 2).to(hidden_states.dtype).contiguous()
 
         query, key, value = self.to_qkv(normed).chunk(3, dim=1)
         # (batch, heads, height * width, head_dim)
