@@ -76,11 +76,6 @@ def load_pipeline(args: argparse.Namespace) -> tuple[ContinuousUNetPipeline, str
     """Return the pipeline to judge and a line that describes its weights."""
     if args.pipeline:
         folder = Path(args.pipeline)
-        if not (folder / "model_index.json").is_file():
-            raise FileNotFoundError(
-                f"--pipeline {str(folder)!r} has no model_index.json; pass the output folder of a training run, "
-                "such as cunet-mnist."
-            )
         pipeline = ContinuousUNetPipeline.from_pretrained(folder)
         return pipeline, f"Weights: the trained pipeline in `{folder}`."
     # Random weights only check that every sampler runs; their verdict is about 0%.
@@ -132,6 +127,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("seeds", "images"):
         if getattr(args, name) < 1:
             parser.error(f"--{name}={getattr(args, name)} is invalid; pass a positive number.")
+    if args.pipeline and not (Path(args.pipeline) / "model_index.json").is_file():
+        parser.error(
+            f"--pipeline {args.pipeline!r} has no model_index.json; pass the output folder of a training run, "
+            "such as cunet-mnist."
+        )
     for spec in args.samplers:
         try:
             parse_sampler(spec)
