@@ -62,7 +62,7 @@ SAMPLERS = {
 
 
 def parse_sampler(spec: str) -> tuple[str, int]:
-    """Split `NAME:STEPS`; raise a ValueError that names the accepted forms."""
+    """Split `NAME:STEPS` into the name and the steps, or raise a ValueError that names the accepted forms."""
     name, _, steps = spec.partition(":")
     if name not in SAMPLERS or not steps.isdigit() or int(steps) < 1:
         raise ValueError(
@@ -78,7 +78,7 @@ def load_pipeline(args: argparse.Namespace) -> tuple[ContinuousUNetPipeline, str
         folder = Path(args.pipeline)
         pipeline = ContinuousUNetPipeline.from_pretrained(folder)
         return pipeline, f"Weights: the trained pipeline in `{folder}`."
-    # Random weights only check that every sampler runs; their verdict is about 0%.
+    # Random weights only check that every sampler runs, so their verdict is near 0%.
     torch.manual_seed(args.seed)
     unet = ContinuousUNet2DModel(
         sample_size=32, in_channels=1, out_channels=1, block_out_channels=(8, 16), attention_levels=(),
@@ -89,7 +89,7 @@ def load_pipeline(args: argparse.Namespace) -> tuple[ContinuousUNetPipeline, str
 
 
 def judge_sampler(pipeline, classifier, spec: str, args: argparse.Namespace) -> list[object]:
-    """Draw and judge the samples of one sampler; return its table row."""
+    """Draw and judge the samples of one sampler, and return its table row."""
     name, steps = parse_sampler(spec)
     scheduler_class, overrides, call_kwargs = SAMPLERS[name]
     pipeline.scheduler = scheduler_class.from_config(pipeline.scheduler.config, **overrides)

@@ -61,9 +61,10 @@ def mnist_cunet(sample_size=32, in_channels: int = 1, **overrides) -> Continuous
     """Build the CPU-sized continuous U-Net that the default MNIST training run uses.
 
     2x2 patches fold a 32x32 digit into 16x16 with 4 channels, so the two levels run at 16x16 (32 channels)
-    and 8x8 (64 channels, with attention), and the bottleneck at 4x4. On a 2-core CPU it trained 1.8 times
-    as many images per second as three levels of (16, 32, 64) at full resolution, with about as many
-    parameters, and its samples were judged better after the same training time.
+    and 8x8 (64 channels, with attention), and the bottleneck at 4x4. On a 2-core CPU it trained about 1.7
+    times as many images per second as three levels of (16, 32, 64) at full resolution, with about as many
+    parameters. In side-by-side runs of equal time, the digit classifier called 58% of its samples
+    confident digits, against 53% for the three-level model.
     """
     config = dict(
         sample_size=sample_size,

@@ -66,8 +66,8 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 SAMPLERS = ("sde-dpmsolver++", "ddpm", "ddim")
 # Steps of the default run on the embedded digits: 6,000 steps at batch 64 are about 77 epochs of the 5,000
-# digits. A 2-core CPU fits fewer in the default run's time budget (see plan_max_train_steps): about 3,400
-# float32 steps of the mnist_cunet preset on a 2-core AMD EPYC with AVX2. GPUs train them all in minutes.
+# digits. A 2-core CPU fits fewer in the default run's time budget (see plan_max_train_steps): 3,388 float32
+# steps of the mnist_cunet preset on a 2-core AMD EPYC with AVX2.
 DEFAULT_MNIST_STEPS = 6000
 # Whole-run budget of the default run, from the script's start. `accelerate launch` and the imports take
 # about 10 s more before that, so the run ends within 15 minutes.
@@ -443,8 +443,8 @@ def build_model(args: argparse.Namespace, channels: int, num_classes: int | None
         # New widths also move the bottleneck to the last width (the preset's own rule).
         overrides["block_out_channels"] = tuple(args.block_out_channels)
         overrides["mid_block_channels"] = args.block_out_channels[-1]
-    for option, key in (("patch_size", "patch_size"), ("ode_solver", "ode_solver"), ("ode_steps", "ode_steps"), ("ode_rtol", "ode_rtol"),
-                        ("ode_atol", "ode_atol"), ("ode_max_steps", "ode_max_steps"), ("ode_backend", "ode_backend"),
+    for option, key in (("patch_size", "patch_size"), ("ode_solver", "ode_solver"), ("ode_steps", "ode_steps"),
+                        ("ode_rtol", "ode_rtol"), ("ode_atol", "ode_atol"), ("ode_max_steps", "ode_max_steps"), ("ode_backend", "ode_backend"),
                         ("dropout", "dropout")):
         value = getattr(args, option)
         if value is not None:
@@ -1389,7 +1389,10 @@ def remove_unused_output_dir(output_dir: Path) -> None:
     """Delete an output folder that a failed run created, if it contains no weights, only the run's own logs."""
     if not output_dir.is_dir():
         return
-    if any(output_dir.glob("checkpoint-*")) or (output_dir / "unet").exists() or (output_dir / "model_index.json").exists():
+    # Any checkpoint-like folder counts, half-written ones too, so nothing resumable is deleted.
+    has_checkpoint = any(output_dir.glob("checkpoint-*"))
+    has_pipeline = (output_dir / "unet").exists() or (output_dir / "model_index.json").exists()
+    if has_checkpoint or has_pipeline:
         return
     shutil.rmtree(output_dir, ignore_errors=True)
 

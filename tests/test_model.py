@@ -211,12 +211,15 @@ def test_gradients_keep_parameter_layout(preset):
     torch.manual_seed(0)
     model = PRESETS[preset](32, 1)
     mismatched = []
+
+    def check_layout(grad, name, parameter):
+        if grad.stride() != parameter.stride():
+            mismatched.append(name)
+
     for name, parameter in model.named_parameters():
         # A tensor hook receives the gradient as backward computes it, before AccumulateGrad copies it into
         # the parameter's layout. DDP's reducer reads it at that point too.
-        parameter.register_hook(
-            lambda grad, name=name, parameter=parameter: mismatched.append(name) if grad.stride() != parameter.stride() else None
-        )
+        parameter.register_hook(lambda grad, name=name, parameter=parameter: check_layout(grad, name, parameter))
     # oneDNN picks the layout by size: at batch 2 every gradient matched, at batch 64 four 1x1-conv ones did not.
     model(random_sample(64, 1, 32, 32), 500).sample.square().mean().backward()
 

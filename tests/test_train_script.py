@@ -503,7 +503,8 @@ def test_bad_argument_prints_one_error_line(tmp_path, num_processes):
          "--resolution 6 is too small for the model's 2 levels, which halve the image 2 times; pass --resolution 10 "
          "or more, or fewer --block_out_channels."),
         (["--resolution", "30", "--patch_size", "4"],
-         "--resolution 30 is not a multiple of the model's patch size 4; pass a --resolution that is, or --patch_size 1."),
+         "--resolution 30 is not a multiple of the model's patch size 4; pass a --resolution that is, "
+         "or --patch_size 1."),
     ],
 )
 def test_model_errors_name_script_options(argv, message):
