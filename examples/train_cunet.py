@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--preset", choices=CUNET_PRESETS, default="mnist_cunet",
                        help="Continuous U-Net preset: the CPU-sized MNIST model or the thesis-scale model.")
     model.add_argument("--model_config_name_or_path", type=str, default=None,
-                       help="A model config (folder or config.json) to build instead of a preset.")
+                       help="A continuous U-Net config (config.json, a folder that contains one, or a Hub repo id) "
+                            "to build instead of a preset. The model options below still apply on top of it.")
     model.add_argument("--block_out_channels", type=int, nargs="+", default=None, help="Override the preset's level widths.")
     model.add_argument("--patch_size", type=int, default=None,
                        help="Override the preset's patch size: the first level runs at 1/N of the resolution.")
@@ -293,6 +294,8 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UsageError("Pass either --dataset_name or --train_data_dir, not both.")
     if args.train_data_dir is not None and not Path(args.train_data_dir).is_dir():
         raise UsageError(f"--train_data_dir {args.train_data_dir!r} is not a folder; pass a folder of images.")
+    if args.model_config_name_or_path:
+        check_model_config_option(args)
     if args.model == "unet" and args.preset != "mnist_cunet":
         raise UsageError("--preset selects a continuous U-Net preset; it does not apply to --model unet.")
     if args.model == "unet" and (args.ode_solver or args.ode_steps or args.ode_adjoint or args.no_attention or args.no_residual):
@@ -433,11 +436,59 @@ def build_model(args: argparse.Namespace, channels: int, num_classes: int | None
         overrides = {"num_class_embeds": num_classes} if num_classes else {}
         return presets.thesis_unet(args.resolution, channels, **overrides)
 
+    overrides = model_overrides(args, num_classes)
     if args.model_config_name_or_path:
-        config = ContinuousUNet2DModel.load_config(args.model_config_name_or_path)
-        model = ContinuousUNet2DModel.from_config(config)
-        return model
+        return model_from_config(args, channels, overrides)
+    try:
+        return presets.PRESETS[args.preset](args.resolution, channels, **overrides)
+    except ValueError as error:
+        raise UsageError(restate_model_error(args, str(error))) from error
 
+
+def check_model_config_option(args: argparse.Namespace) -> None:
+    """Reject a --model_config_name_or_path that cannot apply, before any data or Hub access."""
+    value = args.model_config_name_or_path
+    if args.model == "unet":
+        raise UsageError(
+            f"--model_config_name_or_path {value!r} loads a continuous U-Net config; it does not apply to --model unet."
+        )
+    path = Path(value).expanduser()
+    # A value that can only be a local path is checked here, so that it is never looked up on the Hub.
+    looks_local = path.suffix == ".json" or path.is_absolute() or value.startswith((".", "~"))
+    if looks_local and not path.exists():
+        raise UsageError(
+            f"--model_config_name_or_path {value!r} is not found; pass a config.json file, a folder that contains "
+            "one, or a Hub repo id."
+        )
+
+
+def model_from_config(args: argparse.Namespace, channels: int, overrides: dict):
+    """Build the continuous U-Net of a config file, folder or Hub repo, with the command line's model options on top."""
+    value = args.model_config_name_or_path
+    try:
+        config = dict(ContinuousUNet2DModel.load_config(value))
+    except OSError as error:
+        raise UsageError(f"--model_config_name_or_path {value!r} could not be loaded: {error}") from error
+    if config.get("sample_size") != args.resolution:
+        raise UsageError(
+            f"--model_config_name_or_path {value!r} has sample_size={config.get('sample_size')}, but --resolution is "
+            f"{args.resolution}; pass --resolution {config.get('sample_size')} or set sample_size to {args.resolution} "
+            "in the config. Pipelines generate images of the config's sample_size."
+        )
+    if config.get("in_channels") != channels:
+        raise UsageError(
+            f"--model_config_name_or_path {value!r} has in_channels={config.get('in_channels')}, but the training "
+            f"images have {channels} channel(s); pass a config with in_channels={channels} and "
+            f"out_channels={channels}, or --num_channels {config.get('in_channels')} to convert the images."
+        )
+    try:
+        return ContinuousUNet2DModel.from_config({**config, **overrides})
+    except ValueError as error:
+        raise UsageError(f"--model_config_name_or_path {value!r} with these model options is invalid: {error}") from error
+
+
+def model_overrides(args: argparse.Namespace, num_classes: int | None) -> dict:
+    """Collect the model options given on the command line as config overrides."""
     overrides = {}
     if args.block_out_channels:
         # New widths also move the bottleneck to the last width (the preset's own rule).
@@ -457,10 +508,7 @@ def build_model(args: argparse.Namespace, channels: int, num_classes: int | None
         overrides["use_residual"] = False
     if num_classes:
         overrides["num_class_embeds"] = num_classes
-    try:
-        return presets.PRESETS[args.preset](args.resolution, channels, **overrides)
-    except ValueError as error:
-        raise UsageError(restate_model_error(args, str(error))) from error
+    return overrides
 
 
 def restate_model_error(args: argparse.Namespace, message: str) -> str:
@@ -1349,7 +1397,7 @@ def finish(args, state: TrainingSetup, global_step, start_step, training_seconds
         save_image_grid(images, output_dir / "samples" / "final.png")
         save_pipeline(args, state, output_dir)
         card = render_model_card(args=vars(args), results=results, sample_grid="samples/final.png",
-                                 repo_id=args.hub_model_id)
+                                 repo_id=args.hub_model_id, model_config=dict(model.config))
         card.save(str(output_dir / "README.md"))
         (output_dir / "training_results.json").write_text(json.dumps(results, indent=2) + "\n")
         for key, value in results.items():

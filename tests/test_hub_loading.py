@@ -329,6 +329,7 @@ def test_model_card_follows_model_and_ablations():
     baseline = str(render_model_card({"model": "unet", "seed": 0}, results, "samples/final.png"))
     ablated = str(render_model_card({"model": "cunet", "no_attention": True, "no_residual": True}, results, "samples/final.png"))
     full = str(render_model_card({"model": "cunet"}, results, "samples/final.png"))
+    silu = str(render_model_card({"model": "cunet"}, results, "samples/final.png", model_config={"nonlinearity": "silu"}))
 
     assert "`UNet2DModel`" in baseline
     assert "set_ode_solver" not in baseline
@@ -336,3 +337,5 @@ def test_model_card_follows_model_and_ablations():
     assert "self-attention" not in ablated
     assert "residual path" not in ablated
     assert "a residual path and self-attention" in full
+    assert "3x3 convolutions, softplus and FiLM" in full
+    assert "3x3 convolutions, silu and FiLM" in silu

@@ -450,6 +450,9 @@ def test_inference_steps_capped_by_ddpm_steps(tmp_path, caplog):
         (["--ema_inv_gamma", "0"], "--ema_inv_gamma=0.0"),
         (["--ddpm_num_inference_steps", "1000"], "must be below the 1000 diffusion timesteps"),
         (["--resume_from_checkpoint", "latest", "--overwrite_output_dir"], "--overwrite_output_dir deletes the checkpoints"),
+        (["--model_config_name_or_path", "/nonexistent/config.json"], "'/nonexistent/config.json' is not found"),
+        (["--model_config_name_or_path", "./missing"], "'./missing' is not found"),
+        (["--model", "unet", "--model_config_name_or_path", "."], "does not apply to --model unet"),
     ],
 )
 def test_bad_arguments_rejected(argv, message):
@@ -513,6 +516,47 @@ def test_model_errors_name_script_options(argv, message):
     with pytest.raises(train_cunet.UsageError) as error:
         train_cunet.build_model(args, channels=1, num_classes=None)
     assert str(error.value) == message
+
+
+def write_model_config(folder: Path, **overrides) -> Path:
+    """Save the config of a small 16x16 continuous U-Net with SiLU into `folder`, and return the folder."""
+    from diffusers_cunet import presets
+
+    config = dict(sample_size=16, block_out_channels=(8, 16), mid_block_channels=16, patch_size=1, nonlinearity="silu")
+    presets.mnist_cunet(**{**config, **overrides}).save_config(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "overrides, argv, message",
+    [
+        ({"sample_size": 32}, [],
+         "has sample_size=32, but --resolution is 16; pass --resolution 32 or set sample_size to 16 in the config."),
+        ({"in_channels": 3, "out_channels": 3}, [],
+         "has in_channels=3, but the training images have 1 channel(s); pass a config with in_channels=1"),
+        ({}, ["--block_out_channels", "7", "14"], "with these model options is invalid: norm_num_groups=8"),
+    ],
+)
+def test_model_config_mismatch_rejected(tmp_path, overrides, argv, message):
+    train_cunet = load_script_module()
+    folder = write_model_config(tmp_path / "config", **overrides)
+    args = train_cunet.parse_args(["--model_config_name_or_path", str(folder), "--resolution", "16", *argv])
+    with pytest.raises(train_cunet.UsageError) as error:
+        train_cunet.build_model(args, channels=1, num_classes=None)
+    assert message in str(error.value)
+
+
+def test_model_config_run_applies_options(tmp_path):
+    folder = write_model_config(tmp_path / "config")
+    output_dir = tmp_path / "out"
+    launch(output_dir, "--model_config_name_or_path", str(folder / "config.json"), "--ode_solver", "rk4",
+           "--max_train_steps", "2", "--no-evaluate_digits")
+
+    config = json.loads((output_dir / "unet" / "config.json").read_text())
+    assert config["nonlinearity"] == "silu"
+    assert config["ode_solver"] == "rk4"
+    assert config["block_out_channels"] == [8, 16]
+    assert "3x3 convolutions, silu and FiLM" in (output_dir / "README.md").read_text()
 
 
 def test_overwrite_keeps_user_files_in_subfolders(tmp_path):

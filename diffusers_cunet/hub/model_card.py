@@ -58,6 +58,7 @@ def render_model_card(
     results: dict,
     sample_grid: str = "samples/final.png",
     repo_id: str | None = None,
+    model_config: dict | None = None,
 ) -> ModelCard:
     """Build the card of a pipeline trained by `examples/train_cunet.py`.
 
@@ -66,6 +67,8 @@ def render_model_card(
         results: Measured figures (parameters, NFE, loss, time, hardware, digit verdict).
         sample_grid: Path of the sample grid, relative to the pipeline folder.
         repo_id: Hub repo id used in the loading snippet; the output folder's path when `None`.
+        model_config: The trained model's config; the card names its nonlinearity (softplus, the
+            model's default, when `None`).
     """
     dataset = _dataset_id(args)
     card_data = ModelCardData(
@@ -94,7 +97,7 @@ def render_model_card(
             "This model is class-conditional: generate with `diffusers_cunet.pipelines.ContinuousUNetPipeline`, "
             "which takes `class_labels=`."
         )
-    model_summary, description = _describe_model(args, model_kind)
+    model_summary, description = _describe_model(args, model_kind, dict(model_config or {}))
     limitations = (
         "Trained briefly on a small dataset, so samples are less varied than the training data. The training "
         "loss, the digit classifier's verdict and the timings above are single measurements on the stated "
@@ -117,7 +120,7 @@ def render_model_card(
     )
 
 
-def _describe_model(args: dict, model_kind: str) -> tuple[str, str]:
+def _describe_model(args: dict, model_kind: str, model_config: dict) -> tuple[str, str]:
     """Return the card's opening sentence and its model section, following the model and ablation options."""
     if args.get("model") == "unet":
         summary = (
@@ -141,10 +144,11 @@ def _describe_model(args: dict, model_kind: str) -> tuple[str, str]:
         f"with {features}."
     )
     residual = "" if args.get("no_residual") else ", plus a residual path"
+    nonlinearity = model_config.get("nonlinearity", "softplus")
     description = (
         f"{model_kind}: each dynamic block maps a feature map h to x(1), where x(0) = h, v(0) = g(h) (an "
         "initial-velocity network), dx/ds = v and dv/ds = a(x, v, emb), solved over s in [0, 1]. The "
-        "acceleration field is GroupNorm, 3x3 convolutions, softplus and FiLM from the timestep embedding"
-        f"{residual}. The solver can be changed after training with `pipe.unet.set_ode_solver(...)`."
+        f"acceleration field is GroupNorm, 3x3 convolutions, {nonlinearity} and FiLM from the timestep "
+        f"embedding{residual}. The solver can be changed after training with `pipe.unet.set_ode_solver(...)`."
     )
     return summary, description
