@@ -171,6 +171,8 @@ def test_digit_samplers_quick_table(tiny_pipeline):
         assert classes.isdigit()
         assert float(seconds) > 0
     assert f"the trained pipeline in `{tiny_pipeline}`" in output
+    # --quick judges 1 x 4 samples: sqrt((2/3) * (1/3) / 4) = 23.6 points.
+    assert "With 4 samples, a share near 67% has a standard error of about 23.6 points." in output
 
 
 @pytest.mark.parametrize(
