@@ -44,6 +44,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 import diffusers_cunet
 from diffusers_cunet import ContinuousUNet2DModel, presets
 from diffusers_cunet.ode import ODE_BACKENDS, ODE_SOLVERS
+from diffusers_cunet.models.blocks import INITIAL_VELOCITIES
 from diffusers_cunet.training import (
     PREDICTION_TYPES,
     EpochSeededSampler,
@@ -61,6 +62,7 @@ from diffusers_cunet.training import (
 logger = get_logger(__name__, log_level="INFO")
 
 CUNET_PRESETS = ("mnist_cunet", "thesis_cunet")
+INITIAL_VELOCITY_CHOICES = tuple(INITIAL_VELOCITIES)
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
@@ -160,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--no_attention", action="store_true", help="Ablation: no self-attention.")
     model.add_argument("--no_residual", action="store_true", help="Ablation: no residual path in the acceleration field.")
     model.add_argument("--dropout", type=float, default=None, help="Dropout in the acceleration field and attention.")
+    model.add_argument("--initial_velocity", choices=INITIAL_VELOCITY_CHOICES, default=None,
+                       help="How each dynamic block sets v(0): network (the default; two convs), linear (one 1x1 conv) or zero.")
     model.add_argument("--num_class_embeds", type=int, default=None,
                        help="Train class-conditionally with this many classes (needs a label column).")
     model.add_argument("--class_conditional", action="store_true",
@@ -496,7 +500,7 @@ def model_overrides(args: argparse.Namespace, num_classes: int | None) -> dict:
         overrides["mid_block_channels"] = args.block_out_channels[-1]
     for option, key in (("patch_size", "patch_size"), ("ode_solver", "ode_solver"), ("ode_steps", "ode_steps"),
                         ("ode_rtol", "ode_rtol"), ("ode_atol", "ode_atol"), ("ode_max_steps", "ode_max_steps"), ("ode_backend", "ode_backend"),
-                        ("dropout", "dropout")):
+                        ("dropout", "dropout"), ("initial_velocity", "initial_velocity")):
         value = getattr(args, option)
         if value is not None:
             overrides[key] = value

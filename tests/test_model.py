@@ -358,6 +358,41 @@ def test_zero_field_zero_velocity_is_identity(solver, steps, monkeypatch):
     torch.testing.assert_close(output, hidden_states, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("solver", ["semi_implicit_euler", "rk4"])
+def test_initial_velocity_options_set_v0(solver, monkeypatch):
+    """With a zero acceleration field a block returns h + g(h): g is a 1x1 conv for "linear", 0 for "zero"."""
+    hidden_states = random_sample(2, 4, 6, 6)
+    emb = torch.randn(2, 8)
+    outputs = {}
+    for kind in ("network", "linear", "zero"):
+        torch.manual_seed(0)
+        block = DynamicBlock(4, embedding_dim=8, norm_num_groups=2, initial_velocity=kind)
+        block.solver_settings = ODESolverSettings(solver=solver, steps=1, backend="native")
+        monkeypatch.setattr(block.acceleration, "forward", lambda x, v, scale, shift: torch.zeros_like(x))
+        with torch.no_grad():
+            outputs[kind] = block(hidden_states, emb)
+            if kind == "linear":
+                expected = hidden_states + block.initial_velocity.conv(hidden_states)
+                torch.testing.assert_close(outputs[kind], expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(outputs["zero"], hidden_states, rtol=0, atol=0)
+    assert not torch.allclose(outputs["network"], outputs["linear"])
+
+
+def test_initial_velocity_option_round_trip(tmp_path):
+    counts = {}
+    for kind in ("network", "linear", "zero"):
+        torch.manual_seed(0)
+        model = build_model(initial_velocity=kind)
+        counts[kind] = sum(parameter.numel() for parameter in model.parameters())
+        model.save_pretrained(tmp_path / kind)
+        reloaded = ContinuousUNet2DModel.from_pretrained(tmp_path / kind)
+        assert reloaded.config.initial_velocity == kind
+        sample = random_sample(2, 1, 8, 8)
+        torch.testing.assert_close(run_model(reloaded, sample), run_model(model, sample), rtol=0, atol=0)
+    # A 1x1 conv has fewer weights than the norm, 3x3 conv and 1x1 conv of the network; "zero" has none.
+    assert counts["network"] > counts["linear"] > counts["zero"]
+
+
 @pytest.mark.parametrize(
     "solver, backend, steps, per_block",
     [
@@ -574,6 +609,7 @@ INVALID_CONFIGS = [
     (dict(ode_solver="rk4", ode_backend="torchode"), ValueError, "'rk4'"),
     (dict(ode_solver="verlet", ode_backend="torchdiffeq"), ValueError, "'verlet'"),
     (dict(nonlinearity="swoosh"), ValueError, "'swoosh'"),
+    (dict(initial_velocity="learned"), ValueError, "initial_velocity='learned'"),
     (dict(dropout=1.0), ValueError, "dropout=1.0"),
     (dict(num_class_embeds=0), ValueError, "num_class_embeds=0"),
     (dict(patch_size=0), ValueError, "patch_size=0"),

@@ -550,13 +550,16 @@ def test_model_config_run_applies_options(tmp_path):
     folder = write_model_config(tmp_path / "config")
     output_dir = tmp_path / "out"
     launch(output_dir, "--model_config_name_or_path", str(folder / "config.json"), "--ode_solver", "rk4",
-           "--max_train_steps", "2", "--no-evaluate_digits")
+           "--initial_velocity", "linear", "--max_train_steps", "2", "--no-evaluate_digits")
 
     config = json.loads((output_dir / "unet" / "config.json").read_text())
     assert config["nonlinearity"] == "silu"
     assert config["ode_solver"] == "rk4"
     assert config["block_out_channels"] == [8, 16]
-    assert "3x3 convolutions, silu and FiLM" in (output_dir / "README.md").read_text()
+    assert config["initial_velocity"] == "linear"
+    card = (output_dir / "README.md").read_text()
+    assert "3x3 convolutions, silu and FiLM" in card
+    assert "v(0) = g(h) (a 1x1 conv)" in card
 
 
 def test_overwrite_keeps_user_files_in_subfolders(tmp_path):

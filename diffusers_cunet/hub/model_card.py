@@ -67,8 +67,8 @@ def render_model_card(
         results: Measured figures (parameters, NFE, loss, time, hardware, digit verdict).
         sample_grid: Path of the sample grid, relative to the pipeline folder.
         repo_id: Hub repo id used in the loading snippet; the output folder's path when `None`.
-        model_config: The trained model's config; the card names its nonlinearity (softplus, the
-            model's default, when `None`).
+        model_config: The trained model's config; the card names its nonlinearity and initial velocity
+            (the model's defaults, softplus and the network, when `None`).
     """
     dataset = _dataset_id(args)
     card_data = ModelCardData(
@@ -145,9 +145,13 @@ def _describe_model(args: dict, model_kind: str, model_config: dict) -> tuple[st
     )
     residual = "" if args.get("no_residual") else ", plus a residual path"
     nonlinearity = model_config.get("nonlinearity", "softplus")
+    initial_velocity = {
+        "linear": "v(0) = g(h) (a 1x1 conv)",
+        "zero": "v(0) = 0",
+    }.get(model_config.get("initial_velocity", "network"), "v(0) = g(h) (an initial-velocity network)")
     description = (
-        f"{model_kind}: each dynamic block maps a feature map h to x(1), where x(0) = h, v(0) = g(h) (an "
-        "initial-velocity network), dx/ds = v and dv/ds = a(x, v, emb), solved over s in [0, 1]. The "
+        f"{model_kind}: each dynamic block maps a feature map h to x(1), where x(0) = h, {initial_velocity}, "
+        "dx/ds = v and dv/ds = a(x, v, emb), solved over s in [0, 1]. The "
         f"acceleration field is GroupNorm, 3x3 convolutions, {nonlinearity} and FiLM from the timestep "
         f"embedding{residual}. The solver can be changed after training with `pipe.unet.set_ode_solver(...)`."
     )

@@ -91,6 +91,31 @@ class InitialVelocityNetwork(nn.Module):
         return F.relu(self.conv2(self.norm2(velocity)))
 
 
+class LinearInitialVelocity(nn.Module):
+    """g(h) = W h + b: a 1x1 conv, the cheap initial velocity of the `"linear"` option."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=1)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.conv(hidden_states)
+
+
+class ZeroInitialVelocity(nn.Module):
+    """g(h) = 0: every block starts at rest (the `"zero"` option)."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(hidden_states)
+
+
+INITIAL_VELOCITIES = {
+    "network": InitialVelocityNetwork,
+    "linear": LinearInitialVelocity,
+    "zero": lambda channels: ZeroInitialVelocity(),
+}
+
+
 class AccelerationField(nn.Module):
     """a(x, v, s, emb): the acceleration of a dynamic block's second-order ODE.
 
@@ -155,9 +180,14 @@ class DynamicBlock(nn.Module):
         dropout: float = 0.0,
         use_residual: bool = True,
         name: str = "dynamic block",
+        initial_velocity: str = "network",
     ):
         super().__init__()
-        self.initial_velocity = InitialVelocityNetwork(channels)
+        if initial_velocity not in INITIAL_VELOCITIES:
+            raise ValueError(
+                f"initial_velocity={initial_velocity!r} is unknown; choose one of {sorted(INITIAL_VELOCITIES)}."
+            )
+        self.initial_velocity = INITIAL_VELOCITIES[initial_velocity](channels)
         self.acceleration = AccelerationField(
             channels, embedding_dim, norm_num_groups, nonlinearity, dropout, use_residual
         )

@@ -14,7 +14,7 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
 from ..ode import NonFiniteStateError, ODESolverSettings
-from .blocks import NONLINEARITIES, DynamicBlock, SpatialSelfAttention, get_nonlinearity
+from .blocks import INITIAL_VELOCITIES, NONLINEARITIES, DynamicBlock, SpatialSelfAttention, get_nonlinearity
 
 
 @dataclass
@@ -106,6 +106,10 @@ class ContinuousUNet2DModel(ModelMixin, ConfigMixin):
         use_residual (`bool`, *optional*, defaults to `True`): Ablation switch for the residual path
             of the acceleration field.
         num_class_embeds (`int`, *optional*): Number of classes for class-conditional models.
+        initial_velocity (`str`, *optional*, defaults to `"network"`): How each dynamic block sets its
+            initial velocity v(0) = g(h). `network`: InstanceNorm, 3x3 conv, ReLU, InstanceNorm, 1x1 conv,
+            ReLU (a quarter of a block's multiply-adds). `linear`: one 1x1 conv. `zero`: v(0) = 0, so the
+            block starts at rest.
     """
 
     _supports_gradient_checkpointing = True
@@ -139,6 +143,7 @@ class ContinuousUNet2DModel(ModelMixin, ConfigMixin):
         use_attention: bool = True,
         use_residual: bool = True,
         num_class_embeds: int | None = None,
+        initial_velocity: str = "network",
     ):
         super().__init__()
 
@@ -151,6 +156,10 @@ class ContinuousUNet2DModel(ModelMixin, ConfigMixin):
             sample_size, in_channels, out_channels, patch_size, widths, mid_width, attention_levels, attention_head_dim,
             time_embedding_dim, norm_num_groups, nonlinearity, dropout, num_class_embeds, use_attention,
         )
+        if initial_velocity not in INITIAL_VELOCITIES:
+            raise ValueError(
+                f"initial_velocity={initial_velocity!r} is unknown; choose one of {sorted(INITIAL_VELOCITIES)}."
+            )
         self.solver_settings = ODESolverSettings(
             solver=ode_solver, steps=ode_steps, rtol=ode_rtol, atol=ode_atol,
             max_steps=ode_max_steps, adjoint=ode_adjoint, backend=ode_backend,
@@ -160,6 +169,7 @@ class ContinuousUNet2DModel(ModelMixin, ConfigMixin):
         block_kwargs = dict(
             embedding_dim=time_embedding_dim, norm_num_groups=norm_num_groups,
             nonlinearity=nonlinearity, dropout=dropout, use_residual=use_residual,
+            initial_velocity=initial_velocity,
         )
 
         # 1. Timestep (and class) embedding
