@@ -560,6 +560,7 @@ def test_model_config_run_applies_options(tmp_path):
     card = (output_dir / "README.md").read_text()
     assert "3x3 convolutions, silu and FiLM" in card
     assert "v(0) = g(h) (a 1x1 conv)" in card
+    assert "It was trained with rk4, 1 step(s) per block" in card
 
 
 def test_overwrite_keeps_user_files_in_subfolders(tmp_path):

@@ -145,6 +145,11 @@ def _describe_model(args: dict, model_kind: str, model_config: dict) -> tuple[st
     )
     residual = "" if args.get("no_residual") else ", plus a residual path"
     nonlinearity = model_config.get("nonlinearity", "softplus")
+    trained_with = (
+        f" It was trained with {model_config['ode_solver']}, {model_config.get('ode_steps', 1)} step(s) per block, "
+        "and samples with that setting."
+        if model_config.get("ode_solver") else ""
+    )
     initial_velocity = {
         "linear": "v(0) = g(h) (a 1x1 conv)",
         "zero": "v(0) = 0",
@@ -153,6 +158,8 @@ def _describe_model(args: dict, model_kind: str, model_config: dict) -> tuple[st
         f"{model_kind}: each dynamic block maps a feature map h to x(1), where x(0) = h, {initial_velocity}, "
         "dx/ds = v and dv/ds = a(x, v, emb), solved over s in [0, 1]. The "
         f"acceleration field is GroupNorm, 3x3 convolutions, {nonlinearity} and FiLM from the timestep "
-        f"embedding{residual}. The solver can be changed after training with `pipe.unet.set_ode_solver(...)`."
+        f"embedding{residual}.{trained_with} `pipe.unet.set_ode_solver(...)` can change the solver, but the "
+        "solver is part of what the model learned: with another solver or step count it computes a different "
+        "function, and a model trained with one step per block can stop producing recognizable samples."
     )
     return summary, description

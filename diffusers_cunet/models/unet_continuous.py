@@ -312,7 +312,11 @@ class ContinuousUNet2DModel(ModelMixin, ConfigMixin):
         max_steps: int | None = None,
         adjoint: bool | None = None,
     ) -> None:
-        """Change how every dynamic block is solved, for example a trained model sampled with fewer steps.
+        """Change how every dynamic block is solved.
+
+        The solver is part of what a trained model learned: under another solver or step count it computes a
+        different function, and a model trained with one step per block can stop producing recognizable
+        samples. Judge the samples before relying on a change.
 
         The config is updated too, so `save_pretrained` keeps the new settings. Arguments left as
         `None` keep their current value.
