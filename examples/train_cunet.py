@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import copy
 import fnmatch
+import inspect
 import itertools
 import json
 import logging
@@ -44,6 +45,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 import diffusers_cunet
 from diffusers_cunet import ContinuousUNet2DModel, presets
 from diffusers_cunet.ode import ODE_BACKENDS, ODE_SOLVERS
+from diffusers_cunet.data import ImageReadError
 from diffusers_cunet.models.blocks import INITIAL_VELOCITIES
 from diffusers_cunet.training import (
     PREDICTION_TYPES,
@@ -288,12 +290,12 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--lr_warmup_steps={args.lr_warmup_steps} must be 0 or more.")
     if not 0.0 <= args.adam_beta1 < 1.0 or not 0.0 <= args.adam_beta2 < 1.0:
         raise UsageError(f"--adam_beta1={args.adam_beta1} and --adam_beta2={args.adam_beta2} must be in [0, 1).")
-    if args.snr_gamma < 0:
-        raise UsageError(f"--snr_gamma={args.snr_gamma} must be 0 (off) or positive.")
+    if not 0 <= args.snr_gamma < math.inf:
+        raise UsageError(f"--snr_gamma={args.snr_gamma} must be 0 (off) or a positive, finite number such as 5.")
     for name in ("ode_rtol", "ode_atol"):
         value = getattr(args, name)
-        if value is not None and value <= 0:
-            raise UsageError(f"--{name}={value} must be positive, for example 1e-3.")
+        if value is not None and not 0 < value < math.inf:
+            raise UsageError(f"--{name}={value} must be a positive, finite number, for example 1e-3.")
     if args.dataset_name and args.train_data_dir:
         raise UsageError("Pass either --dataset_name or --train_data_dir, not both.")
     if args.train_data_dir is not None and not Path(args.train_data_dir).is_dir():
@@ -466,24 +468,74 @@ def check_model_config_option(args: argparse.Namespace) -> None:
         )
 
 
+def unreachable_hub_cause(error: BaseException) -> str | None:
+    """Return the connection error behind a failed Hub download, or None when the Hub answered.
+
+    diffusers reports an unreachable Hub as a repo without the file, so the chain of causes is searched.
+    """
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    seen = set()
+    cause = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ConnectionError) or type(cause).__name__ in ("ConnectError", "ConnectTimeout"):
+            return f"{type(cause).__name__}: {cause}"
+        if isinstance(cause, LocalEntryNotFoundError) and cause.__cause__ is None and cause.__context__ is None:
+            return "no connection"
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def model_init_defaults(model_class) -> dict:
+    """Return the config defaults of a diffusers model class: its __init__ keyword arguments and their values."""
+    return {
+        name: parameter.default
+        for name, parameter in inspect.signature(model_class.__init__).parameters.items()
+        if parameter.default is not inspect.Parameter.empty
+    }
+
+
 def model_from_config(args: argparse.Namespace, channels: int, overrides: dict):
     """Build the continuous U-Net of a config file, folder or Hub repo, with the command line's model options on top."""
     value = args.model_config_name_or_path
     try:
-        config = dict(ContinuousUNet2DModel.load_config(value))
+        loaded = ContinuousUNet2DModel.load_config(value)
     except OSError as error:
+        unreachable = unreachable_hub_cause(error)
+        if unreachable is not None:
+            from huggingface_hub import constants
+
+            raise UsageError(
+                f"--model_config_name_or_path {value!r} was looked up on the Hub at {constants.ENDPOINT}, which did "
+                f"not answer ({unreachable}). Check the network or HF_ENDPOINT, set HF_HUB_OFFLINE=1 to use the local "
+                "cache, or pass a local config.json."
+            ) from error
         raise UsageError(f"--model_config_name_or_path {value!r} could not be loaded: {error}") from error
-    if config.get("sample_size") != args.resolution:
+    if not isinstance(loaded, dict):
         raise UsageError(
-            f"--model_config_name_or_path {value!r} has sample_size={config.get('sample_size')}, but --resolution is "
-            f"{args.resolution}; pass --resolution {config.get('sample_size')} or set sample_size to {args.resolution} "
+            f"--model_config_name_or_path {value!r} holds a JSON {type(loaded).__name__}, not an object; pass a "
+            "config.json as save_pretrained writes it, such as a trained pipeline's unet/config.json."
+        )
+    class_name = loaded.get("_class_name")
+    if class_name not in (None, ContinuousUNet2DModel.__name__):
+        raise UsageError(
+            f"--model_config_name_or_path {value!r} is a config of {class_name}, not of ContinuousUNet2DModel; pass a "
+            "continuous U-Net config, or --model unet (without a config) for the UNet2DModel baseline."
+        )
+    # Keys that the config leaves out take the model's defaults, as from_config does.
+    config = {**model_init_defaults(ContinuousUNet2DModel), **loaded}
+    if config["sample_size"] != args.resolution:
+        raise UsageError(
+            f"--model_config_name_or_path {value!r} has sample_size={config['sample_size']}, but --resolution is "
+            f"{args.resolution}; pass --resolution {config['sample_size']} or set sample_size to {args.resolution} "
             "in the config. Pipelines generate images of the config's sample_size."
         )
-    if config.get("in_channels") != channels:
+    if config["in_channels"] != channels:
         raise UsageError(
-            f"--model_config_name_or_path {value!r} has in_channels={config.get('in_channels')}, but the training "
+            f"--model_config_name_or_path {value!r} has in_channels={config['in_channels']}, but the training "
             f"images have {channels} channel(s); pass a config with in_channels={channels} and "
-            f"out_channels={channels}, or --num_channels {config.get('in_channels')} to convert the images."
+            f"out_channels={channels}, or --num_channels {config['in_channels']} to convert the images."
         )
     try:
         return ContinuousUNet2DModel.from_config({**config, **overrides})
@@ -520,7 +572,8 @@ def restate_model_error(args: argparse.Namespace, message: str) -> str:
     groups = re.match(r"norm_num_groups=(\d+) does not divide", message)
     if groups and args.block_out_channels:
         count = int(groups[1])
-        example = " ".join(str(count * 2**level) for level in range(len(args.block_out_channels)))
+        # Each width rounded up to the next multiple of the group count.
+        example = " ".join(str(-(-max(width, 1) // count) * count) for width in args.block_out_channels)
         return (
             f"--block_out_channels {' '.join(map(str, args.block_out_channels))} does not fit the {args.preset} "
             f"preset, whose group norms split channels into {count} groups: every width must be a multiple of "
@@ -1037,7 +1090,8 @@ def find_resume_checkpoint(args, state: TrainingSetup) -> Path | None:
             f"newer checkpoints out of the folder first, or copy {path.name} into a new --output_dir and resume there."
         )
     with user_input_errors():
-        messages = check_run_settings(path, run_settings(args, state))
+        model = state.accelerator.unwrap_model(state.model)
+        messages = check_run_settings(path, run_settings(args, state), model_init_defaults(type(model)))
     for message in messages:
         logger.warning(message)
     return path
@@ -1122,6 +1176,11 @@ def check_output_dir(args) -> None:
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise UsageError(f"--output_dir {args.output_dir!r} is a file; pass a folder path.")
+    for parent in output_dir.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UsageError(
+                f"--output_dir {args.output_dir!r} lies inside {str(parent)!r}, which is a file; pass a folder path."
+            )
     if not output_dir.is_dir():
         return
     resolved = output_dir.resolve()
@@ -1227,8 +1286,9 @@ def main(args: argparse.Namespace) -> dict:
     # The step count may change after the first steps (replan_max_train_steps), so the epoch count is read anew.
     replan = state.target_steps is not None and checkpoint is None and REPLAN_STEPS is not None
     replan_start = None
-    # Log lines during training go through tqdm.write, so they do not break the progress bar's line.
-    with logging_redirect_tqdm():
+    # Log lines during training go through tqdm.write, so they do not break the progress bar's line. The bar is
+    # closed on errors too, so that an error message starts on a line of its own.
+    with logging_redirect_tqdm(), contextlib.closing(progress):
         for epoch in itertools.count(first_epoch):
             if epoch >= state.num_epochs or global_step >= state.max_train_steps:
                 break
@@ -1428,7 +1488,8 @@ def run_from_command_line(argv: list[str] | None = None) -> int:
         if not Path(args.output_dir).exists():
             created_output_dir = Path(args.output_dir)
         main(args)
-    except UsageError as error:
+    except (UsageError, ImageReadError) as error:
+        # A corrupt image found during training is bad input too: one line, which names the file and the fix.
         if os.environ.get("RANK", "0") == "0":
             print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
             if created_output_dir is not None:

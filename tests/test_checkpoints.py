@@ -66,6 +66,21 @@ def test_other_model_or_objective_rejected(tmp_path, accelerator):
     assert "another --output_dir" in message
 
 
+def test_config_key_added_since_takes_its_default(tmp_path, accelerator):
+    """A checkpoint of an older version lacks a config option added since; it resumes where the option is the default."""
+    path = save_checkpoint_atomically(accelerator, tmp_path, 3, total_limit=None, run_settings=SETTINGS)
+    current = json.loads(json.dumps(SETTINGS))
+    current["must_match"]["model_config"]["initial_velocity"] = "network"
+    defaults = {"initial_velocity": "network", "ode_solver": "euler"}
+
+    assert check_run_settings(path, current, model_config_defaults=defaults) == []
+    with pytest.raises(ValueError, match="model_config.initial_velocity: checkpoint None, this run 'network'"):
+        check_run_settings(path, current)
+    current["must_match"]["model_config"]["initial_velocity"] = "linear"
+    with pytest.raises(ValueError, match="model_config.initial_velocity: checkpoint 'network', this run 'linear'"):
+        check_run_settings(path, current, model_config_defaults=defaults)
+
+
 def test_other_seed_or_batch_returns_warnings(tmp_path, accelerator):
     path = save_checkpoint_atomically(accelerator, tmp_path, 3, total_limit=None, run_settings=SETTINGS)
     current = json.loads(json.dumps(SETTINGS))

@@ -223,6 +223,12 @@ def test_resume_other_settings_rejected(tmp_path):
     assert "Running training" not in result.stderr
     assert not (output_dir / "checkpoint-4").exists()
 
+    # A checkpoint of an older version lacks config options added since; they count as their defaults.
+    settings_path = output_dir / "checkpoint-2" / "run_settings.json"
+    settings = json.loads(settings_path.read_text())
+    del settings["must_match"]["model_config"]["initial_velocity"]
+    settings_path.write_text(json.dumps(settings))
+
     # A new seed only changes the path of the run: it resumes, with a warning.
     resumed = launch(output_dir, "--max_train_steps", "4", "--resume_from_checkpoint", "latest", "--no-evaluate_digits",
                      "--seed", "7")
@@ -447,6 +453,8 @@ def test_inference_steps_capped_by_ddpm_steps(tmp_path, caplog):
         (["--max_grad_norm", "-1"], "--max_grad_norm=-1.0"),
         (["--learning_rate", "nan"], "--learning_rate=nan"),
         (["--learning_rate", "inf"], "--learning_rate=inf"),
+        (["--snr_gamma", "nan"], "--snr_gamma=nan"),
+        (["--ode_rtol", "nan"], "--ode_rtol=nan"),
         (["--ema_inv_gamma", "0"], "--ema_inv_gamma=0.0"),
         (["--ddpm_num_inference_steps", "1000"], "must be below the 1000 diffusion timesteps"),
         (["--resume_from_checkpoint", "latest", "--overwrite_output_dir"], "--overwrite_output_dir deletes the checkpoints"),
@@ -502,6 +510,9 @@ def test_bad_argument_prints_one_error_line(tmp_path, num_processes):
         (["--block_out_channels", "7", "12"],
          "--block_out_channels 7 12 does not fit the mnist_cunet preset, whose group norms split channels into 8 "
          "groups: every width must be a multiple of 8, for example --block_out_channels 8 16."),
+        (["--block_out_channels", "30", "60"],
+         "--block_out_channels 30 60 does not fit the mnist_cunet preset, whose group norms split channels into 8 "
+         "groups: every width must be a multiple of 8, for example --block_out_channels 32 64."),
         (["--resolution", "6"],
          "--resolution 6 is too small for the model's 2 levels, which halve the image 2 times; pass --resolution 10 "
          "or more, or fewer --block_out_channels."),
@@ -809,4 +820,57 @@ def test_corrupt_image_named_in_error(tmp_path, rgb_folder):
     (folder / "zz_truncated.png").write_bytes(good[: len(good) // 2])
     result = launch(tmp_path / "corrupt", "--train_data_dir", str(folder), "--max_train_steps", "4", check=False)
     assert result.returncode != 0
-    assert "zz_truncated.png" in result.stderr
+    # The script prints one error line and no traceback. accelerate 1.16 then repeats the child's stderr in its
+    # own error, so the line can appear twice.
+    errors = set(re.findall(r"^train_cunet\.py: error: (.*)$", result.stderr, flags=re.MULTILINE))
+    assert len(errors) == 1
+    assert "zz_truncated.png" in errors.pop()
+    assert "Remove or re-encode the file" in result.stderr
+    assert "ImageReadError" not in result.stderr
+    assert not (tmp_path / "corrupt").exists()  # the failed run leaves no empty output folder
+
+
+def test_unreachable_hub_told_apart_from_a_missing_file():
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    train_cunet = load_script_module()
+
+    def chained(*errors):
+        # Link the errors as `raise outer from inner` does, outermost first.
+        for outer, inner in zip(errors, errors[1:]):
+            outer.__cause__ = inner
+        return errors[0]
+
+    refused = chained(OSError("user/x does not appear to have a file named config.json."),
+                      LocalEntryNotFoundError("cannot find the requested files in the local cache"),
+                      ConnectionRefusedError(111, "Connection refused"))
+    assert "Connection refused" in train_cunet.unreachable_hub_cause(refused)
+    missing = chained(OSError("user/x does not appear to have a file named config.json."),
+                      EntryNotFoundError("404 Client Error"))
+    assert train_cunet.unreachable_hub_cause(missing) is None
+
+
+def test_output_dir_inside_a_file_rejected(tmp_path):
+    train_cunet = load_script_module()
+    (tmp_path / "notes.txt").write_text("mine")
+    args = train_cunet.parse_args(["--output_dir", str(tmp_path / "notes.txt" / "run")])
+    with pytest.raises(train_cunet.UsageError, match="which is a file; pass a folder path"):
+        train_cunet.check_output_dir(args)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("[1, 2, 3]", "holds a JSON list, not an object"),
+        ('{"_class_name": "UNet2DModel", "sample_size": 16}', "is a config of UNet2DModel, not of ContinuousUNet2DModel"),
+        # Left-out keys take the model's defaults: 32x32 samples with 3 channels.
+        ("{}", "has sample_size=32, but --resolution is 16"),
+    ],
+)
+def test_unusable_model_config_file_rejected(tmp_path, content, message):
+    train_cunet = load_script_module()
+    path = tmp_path / "config.json"
+    path.write_text(content)
+    args = train_cunet.parse_args(["--model_config_name_or_path", str(path), "--resolution", "16"])
+    with pytest.raises(train_cunet.UsageError, match=re.escape(message)):
+        train_cunet.build_model(args, channels=1, num_classes=None)

@@ -8,6 +8,7 @@ from .embedded import (
     load_embedded_mnist_arrays,
 )
 from .loading import (
+    ImageReadError,
     detect_image_column,
     detect_label_column,
     get_num_classes,
@@ -27,6 +28,7 @@ __all__ = [
     "EMBEDDED_MNIST_PATH",
     "MNIST_CLASS_NAMES",
     "ConvertImage",
+    "ImageReadError",
     "ImagePreprocessor",
     "ResizeOrPad",
     "build_transforms",

@@ -12,6 +12,13 @@ from .embedded import load_embedded_mnist
 from .transforms import GRAYSCALE_MODES
 
 
+class ImageReadError(RuntimeError, ValueError):
+    """A training image that cannot be decoded. The message names the file and the fix.
+
+    It is a `ValueError` too, so callers that report bad input as one line (the training script) catch it.
+    """
+
+
 logger = logging.getLogger(__name__)
 
 AnyDataset = Union[datasets.Dataset, datasets.IterableDataset]
@@ -262,7 +269,7 @@ def infer_num_channels(dataset: datasets.Dataset, image_column: str, num_samples
             image = dataset[index][image_column]
         except (OSError, SyntaxError, ValueError) as error:
             # `datasets` decodes lazily, so a corrupt file fails on first access. The error names the file.
-            raise RuntimeError(
+            raise ImageReadError(
                 f"Failed to read training image {describe_image_source(dataset, image_column, index)!r} (dataset "
                 f"index {index}): {error}. Remove or re-encode the file."
             ) from error

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..data.loading import ImageReadError
+
 
 def _to_unit_tensor(image: Image.Image, channels: int) -> torch.Tensor:
     array = np.asarray(image, dtype=np.uint8)
@@ -145,7 +147,7 @@ class SeededTrainingDataset(torch.utils.data.Dataset):
         except (OSError, SyntaxError, ValueError) as error:
             # `datasets` decodes images lazily, so a corrupt file fails here, mid-training. The error names the file.
             source = self._describe_source(index)
-            raise RuntimeError(
+            raise ImageReadError(
                 f"Failed to read training image {source!r} (dataset index {index}): {error}. "
                 "Remove or re-encode the file and restart (with --resume_from_checkpoint latest once a checkpoint exists)."
             ) from error

@@ -106,7 +106,9 @@ def read_run_settings(checkpoint: str | os.PathLike) -> dict | None:
     return settings
 
 
-def check_run_settings(checkpoint: str | os.PathLike, current: dict) -> list[str]:
+def check_run_settings(
+    checkpoint: str | os.PathLike, current: dict, model_config_defaults: dict | None = None
+) -> list[str]:
     """Compare a checkpoint's run settings with this run's before resuming from it.
 
     `current` has two parts. `"must_match"` lists what defines the trained function (the model class and
@@ -114,12 +116,19 @@ def check_run_settings(checkpoint: str | os.PathLike, current: dict) -> list[str
     names each setting, both values and the fix. `"may_differ"` lists what changes only the path of the
     run (seed, batch size, processes, loss weighting). Differences there come back as messages for the
     caller to log, since the resumed run then no longer equals an uninterrupted one.
+
+    `model_config_defaults` fills the config keys that a checkpoint of an older version lacks (an option
+    added since), so that they compare as the default that the checkpoint's model was built with.
     """
     saved = read_run_settings(checkpoint)
     if saved is None:
         logger.warning("%s has no %s (written by an older version); the run settings cannot be checked.",
                        checkpoint, RUN_SETTINGS_NAME)
         return []
+    saved_config = saved.get("must_match", {}).get("model_config")
+    if model_config_defaults and isinstance(saved_config, dict):
+        for key, value in _as_json(model_config_defaults).items():
+            saved_config.setdefault(key, value)
     current = _as_json(current)
     conflicts = _differences(saved.get("must_match", {}), current.get("must_match", {}))
     if conflicts:
