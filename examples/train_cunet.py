@@ -469,7 +469,7 @@ def check_model_config_option(args: argparse.Namespace) -> None:
 
 
 def unreachable_hub_cause(error: BaseException) -> str | None:
-    """Return the connection error behind a failed Hub download, or None when the Hub answered.
+    """Return the connection error behind a failed Hub download, or None when the Hub responded.
 
     diffusers reports an unreachable Hub as a repo without the file, so the chain of causes is searched.
     """
@@ -514,7 +514,7 @@ def model_from_config(args: argparse.Namespace, channels: int, overrides: dict):
         raise UsageError(f"--model_config_name_or_path {value!r} could not be loaded: {error}") from error
     if not isinstance(loaded, dict):
         raise UsageError(
-            f"--model_config_name_or_path {value!r} holds a JSON {type(loaded).__name__}, not an object; pass a "
+            f"--model_config_name_or_path {value!r} contains a JSON {type(loaded).__name__}, not an object; pass a "
             "config.json as save_pretrained writes it, such as a trained pipeline's unet/config.json."
         )
     class_name = loaded.get("_class_name")
@@ -1489,7 +1489,7 @@ def run_from_command_line(argv: list[str] | None = None) -> int:
             created_output_dir = Path(args.output_dir)
         main(args)
     except (UsageError, ImageReadError) as error:
-        # A corrupt image found during training is bad input too: one line, which names the file and the fix.
+        # A corrupt image found during training is bad input too, so it gets one line that names the file and the fix.
         if os.environ.get("RANK", "0") == "0":
             print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
             if created_output_dir is not None:

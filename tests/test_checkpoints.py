@@ -66,7 +66,7 @@ def test_other_model_or_objective_rejected(tmp_path, accelerator):
     assert "another --output_dir" in message
 
 
-def test_config_key_added_since_takes_its_default(tmp_path, accelerator):
+def test_missing_config_key_takes_default(tmp_path, accelerator):
     """A checkpoint of an older version lacks a config option added since; it resumes where the option is the default."""
     path = save_checkpoint_atomically(accelerator, tmp_path, 3, total_limit=None, run_settings=SETTINGS)
     current = json.loads(json.dumps(SETTINGS))

@@ -359,7 +359,7 @@ def test_zero_field_zero_velocity_is_identity(solver, steps, monkeypatch):
 
 
 @pytest.mark.parametrize("solver", ["semi_implicit_euler", "rk4"])
-def test_initial_velocity_options_set_v0(solver, monkeypatch):
+def test_initial_velocity_sets_v0(solver, monkeypatch):
     """With a zero acceleration field a block returns h + g(h): g is a 1x1 conv for "linear", 0 for "zero"."""
     hidden_states = random_sample(2, 4, 6, 6)
     emb = torch.randn(2, 8)
@@ -378,7 +378,7 @@ def test_initial_velocity_options_set_v0(solver, monkeypatch):
     assert not torch.allclose(outputs["network"], outputs["linear"])
 
 
-def test_initial_velocity_option_round_trip(tmp_path):
+def test_initial_velocity_round_trip(tmp_path):
     counts = {}
     for kind in ("network", "linear", "zero"):
         torch.manual_seed(0)

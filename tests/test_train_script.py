@@ -830,7 +830,7 @@ def test_corrupt_image_named_in_error(tmp_path, rgb_folder):
     assert not (tmp_path / "corrupt").exists()  # the failed run leaves no empty output folder
 
 
-def test_unreachable_hub_told_apart_from_a_missing_file():
+def test_hub_connection_error_detected():
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     train_cunet = load_script_module()
@@ -841,10 +841,10 @@ def test_unreachable_hub_told_apart_from_a_missing_file():
             outer.__cause__ = inner
         return errors[0]
 
-    refused = chained(OSError("user/x does not appear to have a file named config.json."),
+    unreachable = chained(OSError("user/x does not appear to have a file named config.json."),
                       LocalEntryNotFoundError("cannot find the requested files in the local cache"),
                       ConnectionRefusedError(111, "Connection refused"))
-    assert "Connection refused" in train_cunet.unreachable_hub_cause(refused)
+    assert "Connection refused" in train_cunet.unreachable_hub_cause(unreachable)
     missing = chained(OSError("user/x does not appear to have a file named config.json."),
                       EntryNotFoundError("404 Client Error"))
     assert train_cunet.unreachable_hub_cause(missing) is None
@@ -861,7 +861,7 @@ def test_output_dir_inside_a_file_rejected(tmp_path):
 @pytest.mark.parametrize(
     "content, message",
     [
-        ("[1, 2, 3]", "holds a JSON list, not an object"),
+        ("[1, 2, 3]", "contains a JSON list, not an object"),
         ('{"_class_name": "UNet2DModel", "sample_size": 16}', "is a config of UNet2DModel, not of ContinuousUNet2DModel"),
         # Left-out keys take the model's defaults: 32x32 samples with 3 channels.
         ("{}", "has sample_size=32, but --resolution is 16"),

@@ -92,7 +92,7 @@ class InitialVelocityNetwork(nn.Module):
 
 
 class LinearInitialVelocity(nn.Module):
-    """g(h) = W h + b: a 1x1 conv, the cheap initial velocity of the `"linear"` option."""
+    """Initial velocity g(h) = W h + b from one 1x1 conv (the `"linear"` option)."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -103,7 +103,7 @@ class LinearInitialVelocity(nn.Module):
 
 
 class ZeroInitialVelocity(nn.Module):
-    """g(h) = 0: every block starts at rest (the `"zero"` option)."""
+    """Initial velocity g(h) = 0, so every block starts at rest (the `"zero"` option)."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(hidden_states)
@@ -114,6 +114,14 @@ INITIAL_VELOCITIES = {
     "linear": LinearInitialVelocity,
     "zero": lambda channels: ZeroInitialVelocity(),
 }
+
+
+def check_initial_velocity(initial_velocity: str) -> None:
+    """Raise a ValueError for an `initial_velocity` that is not one of `INITIAL_VELOCITIES`."""
+    if initial_velocity not in INITIAL_VELOCITIES:
+        raise ValueError(
+            f"initial_velocity={initial_velocity!r} is invalid; choose one of {sorted(INITIAL_VELOCITIES)}."
+        )
 
 
 class AccelerationField(nn.Module):
@@ -183,10 +191,7 @@ class DynamicBlock(nn.Module):
         initial_velocity: str = "network",
     ):
         super().__init__()
-        if initial_velocity not in INITIAL_VELOCITIES:
-            raise ValueError(
-                f"initial_velocity={initial_velocity!r} is unknown; choose one of {sorted(INITIAL_VELOCITIES)}."
-            )
+        check_initial_velocity(initial_velocity)
         self.initial_velocity = INITIAL_VELOCITIES[initial_velocity](channels)
         self.acceleration = AccelerationField(
             channels, embedding_dim, norm_num_groups, nonlinearity, dropout, use_residual

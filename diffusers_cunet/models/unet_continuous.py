@@ -14,7 +14,7 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
 from ..ode import NonFiniteStateError, ODESolverSettings
-from .blocks import INITIAL_VELOCITIES, NONLINEARITIES, DynamicBlock, SpatialSelfAttention, get_nonlinearity
+from .blocks import NONLINEARITIES, DynamicBlock, SpatialSelfAttention, check_initial_velocity, get_nonlinearity
 
 
 @dataclass
@@ -156,10 +156,7 @@ class ContinuousUNet2DModel(ModelMixin, ConfigMixin):
             sample_size, in_channels, out_channels, patch_size, widths, mid_width, attention_levels, attention_head_dim,
             time_embedding_dim, norm_num_groups, nonlinearity, dropout, num_class_embeds, use_attention,
         )
-        if initial_velocity not in INITIAL_VELOCITIES:
-            raise ValueError(
-                f"initial_velocity={initial_velocity!r} is unknown; choose one of {sorted(INITIAL_VELOCITIES)}."
-            )
+        check_initial_velocity(initial_velocity)
         self.solver_settings = ODESolverSettings(
             solver=ode_solver, steps=ode_steps, rtol=ode_rtol, atol=ode_atol,
             max_steps=ode_max_steps, adjoint=ode_adjoint, backend=ode_backend,
