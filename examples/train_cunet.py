@@ -69,10 +69,11 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 SAMPLERS = ("sde-dpmsolver++", "ddpm", "ddim")
-# Steps of the default run on the embedded digits: 6,000 steps at batch 64 are about 77 epochs of the 5,000
-# digits. A 2-core CPU fits fewer in the default run's time budget (see plan_max_train_steps): 3,388 float32
-# steps of the mnist_cunet preset on a 2-core AMD EPYC with AVX2.
-DEFAULT_MNIST_STEPS = 6000
+# Steps of the default run on the embedded digits: 10,000 steps at batch 64 are 128 epochs of the 5,000 digits.
+# A 2-core CPU fits fewer in the default run's time budget (see plan_max_train_steps), so there the budget ends
+# training. It fitted 3,388 float32 steps on a 2-core AMD EPYC with AVX2 and 6,773 bf16 steps on a 2-core Xeon
+# with AMX. A faster machine trains more steps rather than finishing early.
+DEFAULT_MNIST_STEPS = 10_000
 # Whole-run budget of the default run, from the script's start. `accelerate launch` and the imports take
 # about 10 s more before that, so the run ends within 15 minutes.
 DEFAULT_MNIST_BUDGET_MINUTES = 14.5
@@ -82,10 +83,13 @@ DEFAULT_MNIST_BUDGET_MINUTES = 14.5
 LOOP_OVERHEAD = 1.0
 # Seconds kept for saving the pipeline, the card and the digit verdict after the final samples.
 FINISH_RESERVE_SECONDS = 15.0
-# A budget-capped run times its own loop between these two optimizer steps and sets its step count again,
-# because the timing before training can be off by 10-20% on a shared machine. Step 100 ends the default
-# warm-up, where the learning rate is the peak rate whatever the step count, so the schedule does not jump.
-REPLAN_STEPS = (10, 100)
+# A budget-capped run times its own loop between consecutive marks and sets its step count again at each mark
+# after the first, because the timing before training can be off by 10-20% on a shared machine. Step 100 ends
+# the default warm-up, where the learning rate is the peak rate whatever the step count, so the schedule does not
+# jump. Steps 10 to 100 still ran slower than the rest of a run (0.147 s against 0.132 s per step on a 2-core
+# Xeon, bf16), so step 1000 sets the count again from 900 more steps. A 10% change of the count then moves the cosine
+# schedule's rate by about 1% of the peak.
+REPLAN_STEPS = (10, 100, 1000)
 # The EMA state that EMAModel.save_pretrained stores in the config of a checkpoint's unet_ema folder.
 EMA_STATE_KEYS = ("decay", "min_decay", "optimization_step", "update_after_step", "use_ema_warmup", "inv_gamma", "power")
 SCRIPT_START = time.perf_counter()
@@ -194,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     optimization.add_argument("--eval_batch_size", type=int, default=64, help="Number of images in each sample grid.")
     optimization.add_argument("--num_epochs", type=int, default=100, help="Epochs, unless --max_train_steps is set.")
     optimization.add_argument("--max_train_steps", type=int, default=None,
-                              help="Optimizer steps to train for; overrides --num_epochs. Default: 6000 on the embedded "
+                              help="Optimizer steps to train for; overrides --num_epochs. Default: 10000 on the embedded "
                                    "MNIST data, fewer where --time_budget_minutes requires it.")
     optimization.add_argument("--time_budget_minutes", type=float, default=None,
                               help="Wall-clock budget of the whole run. Before training, the script times a few steps "
@@ -724,7 +728,7 @@ def plan_max_train_steps(
 ) -> StepPlan:
     """Choose the run's optimizer steps and, under a time budget, the time by which training must stop.
 
-    The steps come from --max_train_steps, else 6,000 on the embedded data, else --num_epochs. A time
+    The steps come from --max_train_steps, else 10,000 on the embedded data, else --num_epochs. A time
     budget then caps them: the steps that fit after the time spent so far, the final sampling and the
     saving. A run resumed without --max_train_steps keeps the step count its checkpoint recorded, so it
     ends where the interrupted run would have ended. Since a machine can slow down after the timing,
@@ -773,9 +777,12 @@ def plan_max_train_steps(
     if fitting >= steps:
         return StepPlan(steps, f"{steps} steps fit in the {budget:g}-minute budget ({measured})", deadline,
                         target_steps=steps, sampling_seconds_per_step=grid_share)
+    # With --max_train_steps given, only an explicit --time_budget_minutes sets a budget.
+    remedy = ("Leave --time_budget_minutes unset" if args.max_train_steps is not None
+              else f"Pass --max_train_steps {steps}")
     logger.warning(
-        "Training %d of %d steps to stay within the %g-minute budget (%s). Pass --max_train_steps %d to train "
-        "them all.", fitting, steps, budget, measured, steps,
+        "Training %d of %d steps to stay within the %g-minute budget (%s). %s to train them all.",
+        fitting, steps, budget, measured, remedy,
     )
     return StepPlan(fitting, f"{fitting} of {steps} steps, capped by the {budget:g}-minute budget ({measured})", deadline,
                     target_steps=steps, sampling_seconds_per_step=grid_share)
@@ -1313,13 +1320,14 @@ def main(args: argparse.Namespace) -> dict:
                     state.ema.step(accelerator.unwrap_model(model).parameters())
                 global_step += 1
                 progress.update(1)
-                if replan and global_step == REPLAN_STEPS[0]:
-                    replan_start = time.perf_counter()
-                elif replan and global_step == REPLAN_STEPS[1] and replan_start is not None:
-                    loop_seconds = (time.perf_counter() - replan_start) / (REPLAN_STEPS[1] - REPLAN_STEPS[0])
-                    if replan_max_train_steps(args, state, global_step, loop_seconds) is not None:
-                        progress.total = state.max_train_steps
-                        progress.refresh()
+                if replan and global_step in REPLAN_STEPS:
+                    if replan_start is not None:
+                        mark, mark_time = replan_start
+                        loop_seconds = (time.perf_counter() - mark_time) / (global_step - mark)
+                        if replan_max_train_steps(args, state, global_step, loop_seconds) is not None:
+                            progress.total = state.max_train_steps
+                            progress.refresh()
+                    replan_start = (global_step, time.perf_counter())
                 elapsed = time.perf_counter() - start_time
                 # Each rank's loss and whether its clock passed the deadline travel in one gather, so that all
                 # ranks stop at the same step.
@@ -1474,10 +1482,24 @@ def finish(args, state: TrainingSetup, global_step, start_step, training_seconds
     return results
 
 
+def cpu_model_name() -> str:
+    """Return the CPU's model name from /proc/cpuinfo, or the platform's processor or machine name elsewhere."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def describe_hardware(accelerator: Accelerator) -> str:
+    """Name the devices the run trained on, for the results and the model card."""
     if accelerator.device.type == "cuda":
         return f"{accelerator.num_processes} x {torch.cuda.get_device_name(accelerator.device)}"
-    return f"{accelerator.num_processes} process(es) on CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+    processes = f"{accelerator.num_processes} process" + ("es" if accelerator.num_processes > 1 else "")
+    return f"{processes} on CPU ({cpu_model_name()}, {os.cpu_count()} cores)"
 
 
 def run_from_command_line(argv: list[str] | None = None) -> int:

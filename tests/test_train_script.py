@@ -142,6 +142,9 @@ def test_default_run_reports_figures(mnist_run):
     assert results["nfe_per_denoising_step"] == 5  # semi-implicit Euler, 1 step: 1 evaluation x 5 dynamic blocks
     assert 0.0 <= results["digit_confident_share"] <= 1.0
     assert 0 <= results["digit_num_classes"] <= 10
+    # The hardware names the CPU model, which differs between machines of the same core count.
+    train_cunet = load_script_module()
+    assert results["hardware"] == f"1 process on CPU ({train_cunet.cpu_model_name()}, {os.cpu_count()} cores)"
     assert "Digit classifier:" in result.stderr
     assert "Running training" in result.stderr
 
@@ -664,6 +667,21 @@ def test_time_budget_caps_the_default_run(tmp_path):
     assert 20 <= steps <= 22
 
 
+def test_budget_warning_names_remedy(tmp_path, caplog):
+    train_cunet = load_script_module()
+    with caplog.at_level(logging.WARNING):
+        budget_plan(train_cunet, tmp_path, ["--time_budget_minutes", "1"])
+    assert f"Pass --max_train_steps {train_cunet.DEFAULT_MNIST_STEPS} to train them all" in caplog.text
+
+    # Requested steps are capped only by an explicit budget, so the warning names that option.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        steps, _ = budget_plan(train_cunet, tmp_path, ["--max_train_steps", "500", "--time_budget_minutes", "1"])
+    assert 43 <= steps <= 45
+    assert "Leave --time_budget_minutes unset to train them all" in caplog.text
+    assert "Pass --max_train_steps" not in caplog.text
+
+
 def test_time_budget_too_small_rejected(tmp_path):
     train_cunet = load_script_module()
     with pytest.raises(ValueError) as error:
@@ -737,7 +755,7 @@ def test_time_budget_replans_from_loop_timing(tmp_path, timed_step_seconds):
         return timed_step_seconds, 1e-4
 
     train_cunet.time_training_step = fake_timing
-    train_cunet.REPLAN_STEPS = (2, 6)
+    train_cunet.REPLAN_STEPS = (2, 6, 12)  # a third mark times steps 6 to 12 and may set the count once more
     budget = "2" if timed_step_seconds == 1.0 else "0.3"  # 105 s or 3 s of training after the 15-s reserve
     output_dir = tmp_path / f"replan{budget}"
     args = train_cunet.parse_args(["--output_dir", str(output_dir), *TINY_ARGS, "--logger", "none", "--no-evaluate_digits",
@@ -746,8 +764,10 @@ def test_time_budget_replans_from_loop_timing(tmp_path, timed_step_seconds):
     note = results["time_budget"]
     replanned = re.search(r"; set to (\d+) steps after step 6, at 0\.\d+ s per step in the training loop", note)
     assert replanned
+    # Each later mark appends its count when it changes the count. The checkpoint records the last one.
+    counts = re.findall(r"; set to (\d+) steps after step (?:6|12), at", note)
     settings = json.loads((output_dir / f"checkpoint-{results['global_step']}" / "run_settings.json").read_text())
-    assert settings["may_differ"]["max_train_steps"] == int(replanned[1])
+    assert settings["may_differ"]["max_train_steps"] == int(counts[-1])
     if timed_step_seconds == 1.0:
         assert "of 200 steps, capped by the 2-minute budget" in note
         assert results["global_step"] == 200

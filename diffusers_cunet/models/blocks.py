@@ -276,5 +276,7 @@ class SpatialSelfAttention(nn.Module):
                 ).to(query.dtype)
         else:
             attended = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p)
-        attended = attended.transpose(-1, -2).reshape(batch, channels, height, width)
+        # With one head, this reshape returns a channels-last view. Under bf16 autocast that gave the output conv's
+        # weight gradient channels-last strides, which DistributedDataParallel warns about, so it is made contiguous.
+        attended = attended.transpose(-1, -2).reshape(batch, channels, height, width).contiguous()
         return hidden_states + self.to_out(attended)
