@@ -28,6 +28,8 @@ import psutil
 import torch
 from tqdm.auto import tqdm
 
+from diffusers_cunet.training import cpu_model_name
+
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
@@ -78,18 +80,6 @@ def apply_thread_setting(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------- provenance
-
-
-def cpu_model() -> str:
-    """Return the CPU model name from /proc/cpuinfo, or `platform.processor()` where that file is missing."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def load_average() -> str:
@@ -154,7 +144,7 @@ class RunRecord:
         elapsed = time.perf_counter() - self.started
         return "\n".join(
             [
-                f"- Machine: {cpu_model()}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads, "
+                f"- Machine: {cpu_model_name()}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads, "
                 f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM; torch {torch.__version__}, "
                 f"diffusers {diffusers_version}, Python {platform.python_version()}",
                 f"- Command: `{self.command}`",

@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import platform
 import re
 import shutil
 import sys
@@ -53,6 +52,7 @@ from diffusers_cunet.training import (
     SeededImageTransform,
     SeededTrainingDataset,
     checkpoint_step,
+    cpu_model_name,
     diffusion_loss,
     check_run_settings,
     list_checkpoints,
@@ -69,10 +69,8 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 SAMPLERS = ("sde-dpmsolver++", "ddpm", "ddim")
-# Steps of the default run on the embedded digits: 10,000 steps at batch 64 are 128 epochs of the 5,000 digits.
-# A 2-core CPU fits fewer in the default run's time budget (see plan_max_train_steps), so there the budget ends
-# training. It fitted 3,388 float32 steps on a 2-core AMD EPYC with AVX2 and 6,773 bf16 steps on a 2-core Xeon
-# with AMX. A faster machine trains more steps rather than finishing early.
+# Steps of the default run on the embedded digits (128 epochs at batch 64). On a 2-core CPU the time budget ends
+# training first: 3,388 float32 steps on an AVX2 AMD EPYC, 6,773 bf16 steps on a Xeon with AMX.
 DEFAULT_MNIST_STEPS = 10_000
 # Whole-run budget of the default run, from the script's start. `accelerate launch` and the imports take
 # about 10 s more before that, so the run ends within 15 minutes.
@@ -83,12 +81,10 @@ DEFAULT_MNIST_BUDGET_MINUTES = 14.5
 LOOP_OVERHEAD = 1.0
 # Seconds kept for saving the pipeline, the card and the digit verdict after the final samples.
 FINISH_RESERVE_SECONDS = 15.0
-# A budget-capped run times its own loop between consecutive marks and sets its step count again at each mark
-# after the first, because the timing before training can be off by 10-20% on a shared machine. Step 100 ends
-# the default warm-up, where the learning rate is the peak rate whatever the step count, so the schedule does not
-# jump. Steps 10 to 100 still ran slower than the rest of a run (0.147 s against 0.132 s per step on a 2-core
-# Xeon, bf16), so step 1000 sets the count again from 900 more steps. A 10% change of the count then moves the cosine
-# schedule's rate by about 1% of the peak.
+# A budget-capped run times its own loop between these marks and sets its step count again at each mark after the
+# first, because the timing before training can be off by 10-20% on a shared machine. Step 100 ends the default
+# warm-up, so the schedule does not jump there. Steps 10 to 100 ran slower than the rest of a run (0.147 s against
+# 0.132 s on a 2-core Xeon), so step 1000 sets the count again. A 10% change there moves the rate by ~1% of the peak.
 REPLAN_STEPS = (10, 100, 1000)
 # The EMA state that EMAModel.save_pretrained stores in the config of a checkpoint's unet_ema folder.
 EMA_STATE_KEYS = ("decay", "min_decay", "optimization_step", "update_after_step", "use_ema_warmup", "inv_gamma", "power")
@@ -1292,7 +1288,7 @@ def main(args: argparse.Namespace) -> dict:
     out_of_time = False
     # The step count may change after the first steps (replan_max_train_steps), so the epoch count is read anew.
     replan = state.target_steps is not None and checkpoint is None and REPLAN_STEPS is not None
-    replan_start = None
+    last_mark = None  # (step, time) of the latest re-timing mark
     # Log lines during training go through tqdm.write, so they do not break the progress bar's line. The bar is
     # closed on errors too, so that an error message starts on a line of its own.
     with logging_redirect_tqdm(), contextlib.closing(progress):
@@ -1321,13 +1317,13 @@ def main(args: argparse.Namespace) -> dict:
                 global_step += 1
                 progress.update(1)
                 if replan and global_step in REPLAN_STEPS:
-                    if replan_start is not None:
-                        mark, mark_time = replan_start
-                        loop_seconds = (time.perf_counter() - mark_time) / (global_step - mark)
+                    if last_mark is not None:
+                        mark_step, mark_time = last_mark
+                        loop_seconds = (time.perf_counter() - mark_time) / (global_step - mark_step)
                         if replan_max_train_steps(args, state, global_step, loop_seconds) is not None:
                             progress.total = state.max_train_steps
                             progress.refresh()
-                    replan_start = (global_step, time.perf_counter())
+                    last_mark = (global_step, time.perf_counter())
                 elapsed = time.perf_counter() - start_time
                 # Each rank's loss and whether its clock passed the deadline travel in one gather, so that all
                 # ranks stop at the same step.
@@ -1480,18 +1476,6 @@ def finish(args, state: TrainingSetup, global_step, start_step, training_seconds
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
-
-
-def cpu_model_name() -> str:
-    """Return the CPU's model name from /proc/cpuinfo, or the platform's processor or machine name elsewhere."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def describe_hardware(accelerator: Accelerator) -> str:

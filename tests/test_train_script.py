@@ -20,6 +20,8 @@ from diffusers import DDPMScheduler
 from PIL import Image
 from safetensors.torch import load_file
 
+from diffusers_cunet.training import cpu_model_name
+
 pytestmark = pytest.mark.slow
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -143,8 +145,7 @@ def test_default_run_reports_figures(mnist_run):
     assert 0.0 <= results["digit_confident_share"] <= 1.0
     assert 0 <= results["digit_num_classes"] <= 10
     # The hardware names the CPU model, which differs between machines of the same core count.
-    train_cunet = load_script_module()
-    assert results["hardware"] == f"1 process on CPU ({train_cunet.cpu_model_name()}, {os.cpu_count()} cores)"
+    assert results["hardware"] == f"1 process on CPU ({cpu_model_name()}, {os.cpu_count()} cores)"
     assert "Digit classifier:" in result.stderr
     assert "Running training" in result.stderr
 

@@ -9,6 +9,7 @@ from .checkpoints import (
     resolve_checkpoint,
     save_checkpoint_atomically,
 )
+from .hardware import cpu_model_name
 from .objectives import PREDICTION_TYPES, diffusion_loss, signal_to_noise_ratio
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "SeededTrainingDataset",
     "check_run_settings",
     "checkpoint_step",
+    "cpu_model_name",
     "diffusion_loss",
     "list_checkpoints",
     "read_run_settings",
