@@ -65,6 +65,10 @@ def mnist_cunet(sample_size=32, in_channels: int = 1, **overrides) -> Continuous
     times as many images per second as three levels of (16, 32, 64) at full resolution, with about as many
     parameters. In side-by-side runs of equal time, the digit classifier called 58% of its samples
     confident digits, against 53% for the three-level model.
+
+    The acceleration fields use SiLU, not the thesis preset's softplus: at equal step counts the two scored
+    alike, and a bare bf16 training step ran about 9% faster with SiLU on a 2-core CPU, because softplus runs
+    in float32.
     """
     config = dict(
         sample_size=sample_size,
@@ -77,6 +81,7 @@ def mnist_cunet(sample_size=32, in_channels: int = 1, **overrides) -> Continuous
         attention_head_dim=32,
         time_embedding_dim=128,
         norm_num_groups=8,
+        nonlinearity="silu",
         ode_solver="semi_implicit_euler",
         ode_steps=1,
     )

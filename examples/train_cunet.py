@@ -69,6 +69,7 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 SAMPLERS = ("sde-dpmsolver++", "ddpm", "ddim")
+TIMESTEP_SAMPLING = ("stratified", "uniform", "logit-normal")
 # Steps of the default run on the embedded digits (128 epochs at batch 64). On a 2-core CPU the time budget ends
 # training first: 3,388 float32 steps on an AVX2 AMD EPYC, 6,773 bf16 steps on a Xeon with AMX.
 DEFAULT_MNIST_STEPS = 10_000
@@ -85,7 +86,10 @@ FINISH_RESERVE_SECONDS = 15.0
 # first, because the timing before training can be off by 10-20% on a shared machine. Step 100 ends the default
 # warm-up, so the schedule does not jump there. Steps 10 to 100 ran slower than the rest of a run (0.147 s against
 # 0.132 s on a 2-core Xeon), so step 1000 sets the count again. A 10% change there moves the rate by ~1% of the peak.
-REPLAN_STEPS = (10, 100, 1000)
+# The loop's speed drifts later too (by about 4% over a Xeon run), so steps 3000 and 5000 set the count again from
+# the steps since the mark before. A slowdown after step 5000 can still make the deadline stop a run a few dozen
+# steps early.
+REPLAN_STEPS = (10, 100, 1000, 3000, 5000)
 # The EMA state that EMAModel.save_pretrained stores in the config of a checkpoint's unet_ema folder.
 EMA_STATE_KEYS = ("decay", "min_decay", "optimization_step", "update_after_step", "use_ema_warmup", "inv_gamma", "power")
 SCRIPT_START = time.perf_counter()
@@ -184,9 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
                            help="Scheduler for the sample grids and the digit verdict. On a briefly trained MNIST model, "
                                 "50 sde-dpmsolver++ steps gave confident digits more often than 250 ancestral DDPM "
                                 "steps, in a fifth of the time, and DDIM least often.")
-    diffusion.add_argument("--timestep_sampling", choices=("stratified", "uniform"), default="stratified",
-                           help="stratified: one timestep per equal slice of [0, T), shuffled, which lowers the variance "
-                                "of the loss; uniform: independent draws.")
+    diffusion.add_argument("--timestep_sampling", choices=TIMESTEP_SAMPLING, default="logit-normal",
+                           help="logit-normal: t/T follows a logit-normal law (mean 0, scale 1), so middle noise levels "
+                                "are drawn most often, stratified over its quantiles; stratified: one timestep per equal "
+                                "slice of [0, T), shuffled, which lowers the variance of the loss; uniform: independent "
+                                "draws.")
 
     optimization = parser.add_argument_group("optimization")
     optimization.add_argument("--seed", type=int, default=0, help="Seed for weights, data order, noise and timesteps.")
@@ -903,11 +909,14 @@ def step_generator(seed: int, step: int, process_index: int, micro_step: int) ->
 
 
 def sample_timesteps(method: str, num_train_timesteps: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-    """Draw one diffusion timestep per sample, uniformly or stratified over [0, num_train_timesteps)."""
+    """Draw one diffusion timestep per sample over [0, num_train_timesteps): see --timestep_sampling."""
     if method == "uniform":
         return torch.randint(0, num_train_timesteps, (batch_size,), generator=generator)
     # One draw in each of `batch_size` equal slices of [0, 1): every batch covers all noise levels.
     offsets = (torch.rand((), generator=generator) + torch.arange(batch_size)) / batch_size
+    if method == "logit-normal":
+        # The slices are taken of the logit-normal law's quantiles, so each batch still spans it evenly.
+        offsets = torch.sigmoid(torch.special.ndtri(offsets.clamp(1e-6, 1 - 1e-6)))
     timesteps = (offsets * num_train_timesteps).long().clamp_(max=num_train_timesteps - 1)
     return timesteps[torch.randperm(batch_size, generator=generator)]
 

@@ -440,6 +440,29 @@ def test_inference_steps_capped_by_ddpm_steps(tmp_path, caplog):
     assert images.shape == (1, 1, 16, 16)
 
 
+@pytest.mark.parametrize("method", ["stratified", "logit-normal"])
+def test_stratified_timesteps_span_the_law(method):
+    train_cunet = load_script_module()
+    generator = torch.Generator().manual_seed(0)
+    timesteps = train_cunet.sample_timesteps(method, 1000, 64, generator)
+    assert timesteps.dtype == torch.long
+    assert timesteps.shape == (64,)
+    assert timesteps.min() >= 0
+    assert timesteps.max() < 1000
+    # Sorted draws sit one in each of 64 equal-probability slices of the law: uniform, or a logistic of a
+    # standard normal. Timesteps are whole numbers, hence the 1/1000 of slack below each slice.
+    edges = torch.linspace(0, 1, 65, dtype=torch.float64)
+    if method == "logit-normal":
+        edges = torch.sigmoid(torch.special.ndtri(edges))
+    fractions = timesteps.sort().values.double() / 1000
+    assert torch.all(fractions >= edges[:-1] - 1e-3)
+    assert torch.all(fractions <= edges[1:])
+    if method == "logit-normal":
+        middle = ((timesteps >= 250) & (timesteps < 750)).float().mean()
+        assert middle > 0.65  # a uniform draw puts half of them there
+    assert not torch.equal(timesteps, timesteps.sort().values)  # shuffled
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -107,7 +107,7 @@ class ContinuousUNet2DModel(ModelMixin, ConfigMixin):
             of the acceleration field.
         num_class_embeds (`int`, *optional*): Number of classes for class-conditional models.
         initial_velocity (`str`, *optional*, defaults to `"network"`): How each dynamic block sets its
-            initial velocity v(0) = g(h). `network`: InstanceNorm, 3x3 conv, ReLU, InstanceNorm, 1x1 conv,
+            initial velocity v(0) = g(h). `network`: instance norm, 3x3 conv, ReLU, instance norm, 1x1 conv,
             ReLU (a quarter of a block's multiply-adds). `linear`: one 1x1 conv. `zero`: v(0) = 0, so the
             block starts at rest.
     """
@@ -254,7 +254,7 @@ class ContinuousUNet2DModel(ModelMixin, ConfigMixin):
             )
         levels = len(widths)
         # The bottleneck sits after `levels` halvings of the patched size and needs at least 2x2 pixels
-        # (instance norm needs more than one pixel).
+        # (instance norm over a single pixel would erase the features).
         bottleneck = (_downsampled(height // patch_size, levels), _downsampled(width // patch_size, levels))
         if min(bottleneck) < 2:
             raise ValueError(
