@@ -153,8 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--preset", choices=CUNET_PRESETS, default="mnist_cunet",
                        help="Continuous U-Net preset: the CPU-sized MNIST model or the thesis-scale model.")
     model.add_argument("--model_config_name_or_path", type=str, default=None,
-                       help="A continuous U-Net config (config.json, a folder that contains one, or a Hub repo id) "
-                            "to build instead of a preset. The model options below still apply on top of it.")
+                       help="A continuous U-Net config (config.json, a folder that contains one, a checkpoint-N "
+                            "folder, or a Hub repo id) to build instead of a preset. The model options below still "
+                            "apply on top of it.")
     model.add_argument("--block_out_channels", type=int, nargs="+", default=None, help="Override the preset's level widths.")
     model.add_argument("--patch_size", type=int, default=None,
                        help="Override the preset's patch size: the first level runs at 1/N of the resolution.")
@@ -189,10 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "50 sde-dpmsolver++ steps gave confident digits more often than 250 ancestral DDPM "
                                 "steps, in a fifth of the time, and DDIM least often.")
     diffusion.add_argument("--timestep_sampling", choices=TIMESTEP_SAMPLING, default="logit-normal",
-                           help="logit-normal: t/T follows a logit-normal law (mean 0, scale 1), so middle noise levels "
-                                "are drawn most often, stratified over its quantiles; stratified: one timestep per equal "
-                                "slice of [0, T), shuffled, which lowers the variance of the loss; uniform: independent "
-                                "draws.")
+                           help="How training draws timesteps. logit-normal: t/T follows a logit-normal law (mean 0, "
+                                "scale 1), stratified over its quantiles, so middle noise levels come most often. "
+                                "stratified: one timestep in each equal slice of [0, T), shuffled, which lowers the "
+                                "variance of the loss. uniform: independent draws.")
 
     optimization = parser.add_argument_group("optimization")
     optimization.add_argument("--seed", type=int, default=0, help="Seed for weights, data order, noise and timesteps.")
@@ -505,8 +506,18 @@ def model_init_defaults(model_class) -> dict:
 def model_from_config(args: argparse.Namespace, channels: int, overrides: dict):
     """Build the continuous U-Net of a config file, folder or Hub repo, with the command line's model options on top."""
     value = args.model_config_name_or_path
+    settings = read_run_settings(value) if Path(value).expanduser().is_dir() else None
     try:
-        loaded = ContinuousUNet2DModel.load_config(value)
+        if settings is not None:
+            # A checkpoint folder: its run settings record the model config it was trained with.
+            loaded = settings.get("must_match", {}).get("model_config")
+            if not isinstance(loaded, dict):
+                raise UsageError(
+                    f"--model_config_name_or_path {value!r} is a checkpoint whose run settings contain no model "
+                    "config; pass a config.json, such as a trained pipeline's unet/config.json."
+                )
+        else:
+            loaded = ContinuousUNet2DModel.load_config(value)
     except OSError as error:
         unreachable = unreachable_hub_cause(error)
         if unreachable is not None:

@@ -224,6 +224,7 @@ def test_resume_other_settings_rejected(tmp_path):
     assert result.returncode != 0
     assert "model_config.ode_solver: checkpoint 'semi_implicit_euler', this run 'rk4'" in result.stderr
     assert "prediction_type: checkpoint 'v_prediction', this run 'epsilon'" in result.stderr
+    assert "To build the checkpoint's own model, add --model_config_name_or_path" in result.stderr
     assert "Running training" not in result.stderr
     assert not (output_dir / "checkpoint-4").exists()
 
@@ -582,6 +583,26 @@ def test_model_config_mismatch_rejected(tmp_path, overrides, argv, message):
     with pytest.raises(train_cunet.UsageError) as error:
         train_cunet.build_model(args, channels=1, num_classes=None)
     assert message in str(error.value)
+
+
+def test_model_config_from_checkpoint_folder(tmp_path):
+    train_cunet = load_script_module()
+    config = json.loads((write_model_config(tmp_path / "config") / "config.json").read_text())
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    model_config = {key: value for key, value in config.items() if not key.startswith("_")}
+    settings = {"must_match": {"model_config": model_config}, "may_differ": {}}
+    (checkpoint / "run_settings.json").write_text(json.dumps(settings))
+
+    args = train_cunet.parse_args(["--model_config_name_or_path", str(checkpoint), "--resolution", "16"])
+    model = train_cunet.build_model(args, channels=1, num_classes=None)
+    assert model.config.nonlinearity == "silu"
+    assert list(model.config.block_out_channels) == [8, 16]
+
+    (checkpoint / "run_settings.json").write_text(json.dumps({"must_match": {}, "may_differ": {}}))
+    with pytest.raises(train_cunet.UsageError) as error:
+        train_cunet.build_model(args, channels=1, num_classes=None)
+    assert "is a checkpoint whose run settings contain no model config" in str(error.value)
 
 
 def test_model_config_run_applies_options(tmp_path):

@@ -133,10 +133,13 @@ def check_run_settings(
     conflicts = _differences(saved.get("must_match", {}), current.get("must_match", {}))
     if conflicts:
         lines = "\n".join(f"  {name}: checkpoint {old!r}, this run {new!r}" for name, old, new in conflicts)
+        remedy = ("Resume with the checkpoint's settings (the same command line it was started with), or start a new run "
+                  "in another --output_dir.")
+        if any(name.startswith("model_config.") for name, _, _ in conflicts):
+            # A preset can change between versions, so the same command line may build another model.
+            remedy += f" To build the checkpoint's own model, add --model_config_name_or_path {str(checkpoint)!r}."
         raise ValueError(
-            f"{str(checkpoint)!r} was trained with other settings than this run asks for:\n{lines}\n"
-            "Resume with the checkpoint's settings (the same command line it was started with), or start a new run "
-            "in another --output_dir."
+            f"{str(checkpoint)!r} was trained with other settings than this run asks for:\n{lines}\n{remedy}"
         )
     return [
         f"{name} was {old!r} in {Path(checkpoint).name} and is {new!r} now, so this run will not equal an "
