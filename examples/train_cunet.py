@@ -54,6 +54,7 @@ from diffusers_cunet.training import (
     checkpoint_step,
     cpu_model_name,
     diffusion_loss,
+    keep_freed_memory_for_reuse,
     check_run_settings,
     list_checkpoints,
     read_run_settings,
@@ -226,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     optimization.add_argument("--num_cpu_threads", type=int, default=None,
                               help="Intra-op threads per process on a CPU-only machine. Default: the CPU cores divided "
                                    "by the processes on this machine (accelerate launch would otherwise leave one).")
+    optimization.add_argument("--keep_freed_memory", action=argparse.BooleanOptionalAction, default=True,
+                              help="On a CPU-only Linux machine, keep freed tensor memory in the process for the next "
+                                   "step instead of handing it back to the system (glibc's mallopt). The default run "
+                                   "trained 1.13 times as fast with it, for about 60 MB more memory.")
     optimization.add_argument("--mixed_precision", choices=MIXED_PRECISION, default="auto",
                               help="auto (default): accelerate's fp16/bf16 setting if it has one, else bf16 where the "
                                    "hardware has native bf16 kernels (a GPU with bf16, a CPU with AVX512-BF16 or AMX) "
@@ -363,6 +368,7 @@ class TrainingSetup:
     deadline: float | None = None
     target_steps: int | None = None
     sampling_seconds_per_step: float = 0.0
+    cpu_allocator: str | None = None  # how CPU memory is allocated (--keep_freed_memory); None on a GPU
 
 
 @dataclass
@@ -1080,6 +1086,7 @@ def log_banner(args, state: TrainingSetup) -> None:
         f"  Total optimization steps = {state.max_train_steps}",
         *([f"  Time budget = {state.budget_note}"] if state.budget_note else []),
         f"  Mixed precision = {state.accelerator.mixed_precision}, CPU threads per process = {torch.get_num_threads()}",
+        *([f"  CPU allocator = {state.cpu_allocator}"] if state.cpu_allocator else []),
     ]
     if isinstance(model, ContinuousUNet2DModel):
         settings = model.solver_settings
@@ -1252,8 +1259,15 @@ def main(args: argparse.Namespace) -> dict:
         # `accelerate launch` sets OMP_NUM_THREADS=1 by default, which leaves all but one core idle.
         threads = args.num_cpu_threads or max(1, (os.cpu_count() or 1) // accelerator.state.num_processes)
         torch.set_num_threads(threads)
+        # Each training step frees its activations and allocates them again; by default glibc returns that memory to
+        # the system in between, and page-faulting it back cost 13% of a step of the default run.
+        kept = args.keep_freed_memory and keep_freed_memory_for_reuse()
+        cpu_allocator = "freed memory kept for reuse" if kept else "the C library's default"
+    else:
+        cpu_allocator = None
 
     state = setup(args, accelerator)
+    state.cpu_allocator = cpu_allocator
     checkpoint = find_resume_checkpoint(args, state)
     if accelerator.is_main_process and args.logger != "none":
         # The Hub token never reaches the tracker's files.

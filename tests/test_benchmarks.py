@@ -207,6 +207,20 @@ def test_train_step_quick_table():
     assert "bf16 kernels (oneDNN): " in output
 
 
+@pytest.mark.slow
+def test_train_loop_quick_table():
+    output = run_benchmark("bench_train_loop.py")
+    rows = {row[0]: row[1:] for row in table_rows(output) if row[0] != "freed memory"}
+
+    assert_provenance(output, "bench_train_loop.py")
+    assert set(rows) == {"kept for reuse (default)", "glibc defaults"}
+    assert rows["glibc defaults"][2] == "1.00x"
+    for name, cells in rows.items():
+        assert float(cells[0].replace(",", "")) > 0, name
+        assert float(cells[3].replace(",", "")) > 0, name
+        assert float(cells[4].replace(",", "")) > 0, name
+
+
 def test_write_section_replaces_only_its_section(tmp_path):
     results = tmp_path / "RESULTS.md"
 

@@ -303,8 +303,10 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
 
 def test_bf16_run_on_cpu(tmp_path):
     output_dir = tmp_path / "bf16"
-    result = launch(output_dir, "--max_train_steps", "2", "--mixed_precision", "bf16", "--no-evaluate_digits")
+    result = launch(output_dir, "--max_train_steps", "2", "--mixed_precision", "bf16", "--no-evaluate_digits",
+                    "--no-keep_freed_memory")
     assert "Mixed precision = bf16" in result.stderr
+    assert "CPU allocator = the C library's default" in result.stderr
     results = json.loads((output_dir / "training_results.json").read_text())
     assert np.isfinite(results["final_loss"])
     weights = load_file(output_dir / "unet" / "diffusion_pytorch_model.safetensors")
@@ -340,6 +342,12 @@ def test_default_run_mixed_precision_is_logged(mnist_run):
     native_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     expected = "bf16" if native_bf16 else "no"
     assert f"Mixed precision = {expected}" in result.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or torch.cuda.is_available(), reason="glibc on a CPU-only machine")
+def test_default_run_keeps_freed_memory(mnist_run):
+    _, result = mnist_run
+    assert "CPU allocator = freed memory kept for reuse" in result.stderr
 
 
 def test_rgb_image_folder_run(tmp_path, rgb_folder):

@@ -9,7 +9,7 @@ from .checkpoints import (
     resolve_checkpoint,
     save_checkpoint_atomically,
 )
-from .hardware import cpu_model_name
+from .hardware import cpu_model_name, keep_freed_memory_for_reuse
 from .objectives import PREDICTION_TYPES, diffusion_loss, signal_to_noise_ratio
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "checkpoint_step",
     "cpu_model_name",
     "diffusion_loss",
+    "keep_freed_memory_for_reuse",
     "list_checkpoints",
     "read_run_settings",
     "resolve_checkpoint",
