@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     optimization.add_argument("--keep_freed_memory", action=argparse.BooleanOptionalAction, default=True,
                               help="On a CPU-only Linux machine, keep freed tensor memory in the process for the next "
                                    "step instead of handing it back to the system (glibc's mallopt). The default run "
-                                   "trained 1.13 times as fast with it, for about 60 MB more memory.")
+                                   "trained 1.13 times as fast with it, at the same peak memory.")
     optimization.add_argument("--mixed_precision", choices=MIXED_PRECISION, default="auto",
                               help="auto (default): accelerate's fp16/bf16 setting if it has one, else bf16 where the "
                                    "hardware has native bf16 kernels (a GPU with bf16, a CPU with AVX512-BF16 or AMX) "
