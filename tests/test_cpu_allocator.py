@@ -67,6 +67,8 @@ def test_other_platforms_left_alone(monkeypatch):
 
 
 @pytest.mark.parametrize("argument", ["mmap_threshold", "trim_threshold"])
-def test_negative_thresholds_rejected(argument):
-    with pytest.raises(ValueError, match=f"{argument}=-1"):
-        keep_freed_memory_for_reuse(**{argument: -1})
+@pytest.mark.parametrize("value", [-1, 2**31])
+def test_out_of_range_thresholds_rejected(argument, value):
+    # 2**31 does not fit mallopt's C int, which would wrap it to a negative threshold.
+    with pytest.raises(ValueError, match=f"{argument}={value} is invalid"):
+        keep_freed_memory_for_reuse(**{argument: value})

@@ -22,6 +22,7 @@ def cpu_model_name() -> str:
 # mallopt parameter numbers from glibc's malloc.h.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_C_INT_MAX = 2**31 - 1
 
 HEAP_MMAP_THRESHOLD = 32 << 20
 HEAP_TRIM_THRESHOLD = 256 << 20
@@ -44,11 +45,10 @@ def keep_freed_memory_for_reuse(
     memory did not change, because start-up set it. Return True if it was applied; False where the C library is not
     glibc (musl, macOS, Windows), which leaves the allocator as it is.
     """
-    if mmap_threshold < 0 or trim_threshold < 0:
-        raise ValueError(
-            f"mmap_threshold={mmap_threshold} or trim_threshold={trim_threshold} is invalid; pass a byte count of 0 or "
-            "more."
-        )
+    # mallopt takes a C int, which would silently wrap a larger value.
+    for name, value in (("mmap_threshold", mmap_threshold), ("trim_threshold", trim_threshold)):
+        if not 0 <= value <= _C_INT_MAX:
+            raise ValueError(f"{name}={value} is invalid; pass a byte count from 0 to {_C_INT_MAX}.")
     if not sys.platform.startswith("linux"):
         return False
     try:
