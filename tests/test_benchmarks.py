@@ -207,6 +207,24 @@ def test_train_step_quick_table():
     assert "bf16 kernels (oneDNN): " in output
 
 
+@pytest.mark.parametrize(
+    "script, argv, message",
+    [
+        # 0 is falsy, so it must not fall back to the default and start a full run.
+        ("bench_train_loop.py", ["--steps", "0"], "--steps=0 is invalid"),
+        ("bench_train_loop.py", ["--rounds", "0"], "--rounds=0 is invalid"),
+        ("bench_train_step.py", ["--repeats", "0"], "--repeats=0 is invalid"),
+    ],
+)
+def test_zero_counts_rejected(script, argv, message):
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--no-write", *argv],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
 @pytest.mark.slow
 def test_train_loop_quick_table():
     output = run_benchmark("bench_train_loop.py")
