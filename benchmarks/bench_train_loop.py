@@ -94,8 +94,12 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, help="Training steps per run (default 600; --quick: 3).")
     parser.add_argument("--rounds", type=int, help="Runs of each setting, interleaved (default 3; --quick: 1).")
     args = parser.parse_args(argv)
-    steps = args.steps if args.steps is not None else (3 if args.quick else 600)
-    rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
+    # 0 is a value to reject, not a request for the default.
+    steps, rounds = args.steps, args.rounds
+    if steps is None:
+        steps = 3 if args.quick else 600
+    if rounds is None:
+        rounds = 1 if args.quick else 3
     for name, value in (("steps", steps), ("rounds", rounds), ("threads", args.threads)):
         if value is not None and value < 1:
             parser.error(f"--{name}={value} is invalid; pass a positive number.")

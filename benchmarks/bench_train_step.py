@@ -132,7 +132,9 @@ def main(argv=None) -> None:
         args.batch = 4 if args.quick else 64
     if args.compile is None:
         args.compile = not args.quick
-    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 12)
+    repeats = args.repeats
+    if repeats is None:
+        repeats = 1 if args.quick else 12
     for name in ("batch", "resolution", "repeats"):
         value = getattr(args, name) if name != "repeats" else repeats
         if value < 1:

@@ -1259,10 +1259,10 @@ def main(args: argparse.Namespace) -> dict:
         # `accelerate launch` sets OMP_NUM_THREADS=1 by default, which leaves all but one core idle.
         threads = args.num_cpu_threads or max(1, (os.cpu_count() or 1) // accelerator.state.num_processes)
         torch.set_num_threads(threads)
-        # Each training step frees its activations and allocates them again; by default glibc returns that memory to
+        # Each training step frees its activations and allocates them again. By default glibc returns that memory to
         # the system in between, and page-faulting it back cost 13% of a step of the default run.
-        kept = args.keep_freed_memory and keep_freed_memory_for_reuse()
-        cpu_allocator = "freed memory kept for reuse" if kept else "the C library's default"
+        allocator_tuned = args.keep_freed_memory and keep_freed_memory_for_reuse()
+        cpu_allocator = "freed memory kept for reuse" if allocator_tuned else "the C library's default"
     else:
         cpu_allocator = None
 
