@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from diffusers_cunet import ContinuousUNet2DModel, NonFiniteStateError, ODESolverError
-from diffusers_cunet.models.blocks import AccelerationField, DynamicBlock, Softplus
+from diffusers_cunet.models.blocks import AccelerationField, DynamicBlock, Softplus, SpatialSelfAttention
 from diffusers_cunet.ode import FIXED_STEP_INTEGRATORS, ODESolverSettings
 from diffusers_cunet.presets import PRESETS, thesis_cunet, thesis_unet
 
@@ -582,6 +582,63 @@ def test_bf16_autocast_float32_weights():
     assert bool(torch.isfinite(output).all())
     assert rms_relative_error(output, reference) < 0.1
     assert max_relative_error(output, reference) < 0.5
+
+
+# ---------------------------------------------------------------- attention
+
+
+def reference_attention(attention: SpatialSelfAttention, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The attention written out head by head with 1x1 convs and an explicit softmax."""
+    batch, channels, height, width = hidden_states.shape
+    head_dim = channels // attention.num_heads
+    rms = hidden_states.pow(2).mean(dim=1, keepdim=True).add(attention.norm.eps).rsqrt()
+    normed = hidden_states * rms * attention.norm.weight[None, :, None, None]
+    query, key, value = attention.to_qkv(normed).flatten(2).chunk(3, dim=1)  # each (batch, channels, pixels)
+    heads = []
+    for head in range(attention.num_heads):
+        rows = slice(head * head_dim, (head + 1) * head_dim)
+        scores = torch.einsum("bcp,bcq->bpq", query[:, rows], key[:, rows]) / head_dim**0.5
+        heads.append(torch.einsum("bpq,bcq->bcp", scores.softmax(dim=-1), value[:, rows]))
+    attended = torch.cat(heads, dim=1).reshape(batch, channels, height, width)
+    return hidden_states + attention.to_out(attended)
+
+
+@pytest.mark.parametrize("channels, head_dim", [(8, 4), (8, 8), (12, 4)])
+def test_attention_matches_reference(channels, head_dim):
+    torch.manual_seed(0)
+    attention = SpatialSelfAttention(channels, head_dim).double()
+    for parameter in attention.parameters():
+        nn.init.normal_(parameter, std=0.5)  # a non-zero output projection and norm weights away from 1
+    hidden_states = torch.randn(2, channels, 4, 6, dtype=torch.float64, requires_grad=True)
+
+    output = attention(hidden_states)
+    expected = reference_attention(attention, hidden_states)
+
+    assert output.shape == hidden_states.shape
+    assert output.is_contiguous()
+    torch.testing.assert_close(output, expected, rtol=1e-10, atol=1e-10)
+    (grad,) = torch.autograd.grad(output.square().sum(), hidden_states)
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), hidden_states)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-9)
+
+
+# Fused attention kernels (flash attention on CPUs and GPUs) take only queries, keys and values whose head
+# dimension is contiguous. Other strides fall back to the slower unfused path.
+@pytest.mark.parametrize("autocast", [False, True])
+def test_attention_gives_fused_kernels_contiguous_heads(monkeypatch, autocast):
+    seen = []
+    fused = F.scaled_dot_product_attention
+
+    def record_strides(query, key, value, **kwargs):
+        seen.append([tensor.stride(-1) for tensor in (query, key, value)])
+        return fused(query, key, value, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", record_strides)
+    model = build_model()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        model(random_sample(2, 1, 8, 8), 10).sample.float().sum().backward()
+
+    assert seen and all(strides == [1, 1, 1] for strides in seen)
 
 
 # ---------------------------------------------------------------- invalid arguments
