@@ -588,7 +588,7 @@ def test_bf16_autocast_float32_weights():
 
 
 def reference_attention(attention: SpatialSelfAttention, hidden_states: torch.Tensor) -> torch.Tensor:
-    """The attention written out head by head with 1x1 convs and an explicit softmax."""
+    """Compute the attention head by head with 1x1 convs and an explicit softmax."""
     batch, channels, height, width = hidden_states.shape
     head_dim = channels // attention.num_heads
     rms = hidden_states.pow(2).mean(dim=1, keepdim=True).add(attention.norm.eps).rsqrt()
@@ -627,18 +627,19 @@ def test_attention_matches_reference(channels, head_dim):
 @pytest.mark.parametrize("autocast", [False, True])
 def test_attention_gives_fused_kernels_contiguous_heads(monkeypatch, autocast):
     seen = []
-    fused = F.scaled_dot_product_attention
+    original_attention = F.scaled_dot_product_attention
 
     def record_strides(query, key, value, **kwargs):
         seen.append([tensor.stride(-1) for tensor in (query, key, value)])
-        return fused(query, key, value, **kwargs)
+        return original_attention(query, key, value, **kwargs)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", record_strides)
     model = build_model()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         model(random_sample(2, 1, 8, 8), 10).sample.float().sum().backward()
 
-    assert seen and all(strides == [1, 1, 1] for strides in seen)
+    assert seen
+    assert all(strides == [1, 1, 1] for strides in seen), seen
 
 
 # ---------------------------------------------------------------- invalid arguments

@@ -282,6 +282,7 @@ class SpatialSelfAttention(nn.Module):
             attended = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout_p)
         attended = attended.transpose(1, 2).reshape(batch, height * width, channels)
         output = F.linear(attended, self.to_out.weight.flatten(1), self.to_out.bias)
-        # Back to (batch, channels, height, width), contiguous like the input, so that the blocks after this one
-        # and DistributedDataParallel's gradient buckets see the usual strides.
+        # Back to (batch, channels, height, width). The copy keeps a channels-last view from reaching the layers
+        # after this one, where it slows GroupNorm and gives conv weight gradients channels-last strides, which
+        # DistributedDataParallel warns about.
         return hidden_states + output.reshape(batch, height, width, channels).permute(0, 3, 1, 2).contiguous()
